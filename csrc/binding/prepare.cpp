@@ -1,0 +1,495 @@
+// prepare.cpp: argument checks, output allocation and params filling for every op (see prepare.h).
+#include "prepare.h"
+
+#include <limits>
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+namespace tx_kernels::binding {
+namespace {
+
+// Makes the last dimension contiguous (the kernels' only layout requirement); other strides stay.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+void fill_strides3(const at::Tensor& t, int64_t* strides) {
+  for (int d = 0; d < 3; ++d) strides[d] = t.stride(d);
+}
+
+// An output laid out like `like` in memory: (N, L, H, X) when `like` has its heads inner to its
+// rows (a transposed (N, L, H, E) view), else (N, H, L, X). tx_kernels/ops.py mirrors this rule
+// in the fake kernels so compiled graphs see the same strides.
+at::Tensor empty_like_layout(const at::Tensor& like, int64_t last, at::ScalarType dtype) {
+  const auto opts = like.options().dtype(dtype);
+  if (like.stride(1) < like.stride(2)) {
+    return at::empty({like.size(0), like.size(2), like.size(1), last}, opts).transpose(1, 2);
+  }
+  return at::empty({like.size(0), like.size(1), like.size(2), last}, opts);
+}
+
+DropoutRng read_rng(const std::optional<at::Tensor>& rng, double dropout_p) {
+  DropoutRng out;
+  if (dropout_p <= 0.0) return out;
+  TORCH_CHECK_VALUE(rng.has_value() && rng->defined(),
+                    "tx_kernels: `rng` ([seed, offset] int64 tensor) is required when dropout_p > 0");
+  TORCH_CHECK_VALUE(rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_cpu(),
+                    "tx_kernels: `rng` must be an int64 CPU tensor of 2 elements, got ",
+                    rng->scalar_type(), " of shape ", rng->sizes(), " on ", rng->device());
+  const auto r = rng->contiguous();
+  out.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+  out.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  return out;
+}
+
+void check_dropout_p(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "tx_kernels: `dropout_p` must be in [0, 1], got ", p);
+}
+
+// The mask viewed as (N, H, L, S) with stride 0 on broadcast dims; never copied.
+at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& query, int64_t N, int64_t H,
+                          int64_t L, int64_t S) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
+                   "tx_kernels: `attn_mask` must be bool or floating point, got ",
+                   mask.scalar_type());
+  TORCH_CHECK_TYPE(mask.scalar_type() != at::kFloat8_e4m3fn && mask.scalar_type() != at::kFloat8_e5m2,
+                   "tx_kernels: `attn_mask` of dtype ", mask.scalar_type(), " is not supported");
+  check_same_device(mask, "attn_mask", query, "query");
+  const int64_t target[4] = {N, H, L, S};
+  TORCH_CHECK_VALUE(mask.dim() <= 4, "tx_kernels: `attn_mask` must have at most 4 dimensions, got shape ",
+                    mask.sizes());
+  const int64_t pad = 4 - mask.dim();
+  for (int64_t d = 0; d < mask.dim(); ++d) {
+    TORCH_CHECK_VALUE(mask.size(d) == 1 || mask.size(d) == target[d + pad],
+                      "tx_kernels: `attn_mask` of shape ", mask.sizes(),
+                      " does not broadcast to (N, H, L, S) = (", N, ", ", H, ", ", L, ", ", S, ")");
+  }
+  return mask.expand({N, H, L, S});
+}
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_defined(q, "query");
+  check_defined(k, "key");
+  check_defined(v, "value");
+  check_dim(q, "query", 4);
+  check_dim(k, "key", 4);
+  check_dim(v, "value", 4);
+  check_floating(q, "query");
+  check_same_dtype(k, "key", q, "query");
+  check_same_dtype(v, "value", q, "query");
+  check_same_device(k, "key", q, "query");
+  check_same_device(v, "value", q, "query");
+  check_size(k, "key", 0, q.size(0), "batch, as in query");
+  check_size(v, "value", 0, q.size(0), "batch, as in query");
+  check_size(v, "value", 1, k.size(1), "heads, as in key");
+  check_size(v, "value", 2, k.size(2), "sequence length, as in key");
+  check_size(k, "key", 3, q.size(3), "head dim, as in query");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "tx_kernels: `query` has ",
+                    q.size(1), " heads, which is not a multiple of the ", k.size(1),
+                    " heads of `key`/`value`");
+}
+
+void fill_attention_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& mask, double scale,
+                           bool is_causal, double dropout_p, const std::optional<at::Tensor>& rng) {
+  p.dtype = to_dtype(q.scalar_type());
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.q_len = q.size(2);
+  p.kv_len = k.size(2);
+  p.head_dim = q.size(3);
+  p.v_head_dim = v.size(3);
+  fill_strides3(q, p.q_stride);
+  fill_strides3(k, p.k_stride);
+  fill_strides3(v, p.v_stride);
+  if (mask.defined()) {
+    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+    p.mask_dtype = to_dtype(mask.scalar_type());
+    p.mask = mask.data_ptr();
+    for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
+  }
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.rng = read_rng(rng, dropout_p);
+}
+
+}  // namespace
+
+AttentionFwdCall prepare_attention_fwd(const at::Tensor& query, const at::Tensor& key,
+                                       const at::Tensor& value,
+                                       const std::optional<at::Tensor>& attn_mask, double scale,
+                                       bool is_causal, double dropout_p,
+                                       const std::optional<at::Tensor>& rng) {
+  check_attention_inputs(query, key, value);
+  check_dropout_p(dropout_p);
+  AttentionFwdCall call;
+  call.q = last_dim_contiguous(query);
+  call.k = last_dim_contiguous(key);
+  call.v = last_dim_contiguous(value);
+  const int64_t N = query.size(0), H = query.size(1), L = query.size(2), S = key.size(2);
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    call.mask = broadcast_mask(*attn_mask, query, N, H, L, S);
+  }
+  call.out = empty_like_layout(call.q, value.size(3), query.scalar_type());
+  call.lse = at::empty({N, H, L}, query.options().dtype(at::kFloat));
+  fill_attention_common(call.params, call.q, call.k, call.v, call.mask, scale, is_causal,
+                        dropout_p, rng);
+  call.params.out = call.out.data_ptr();
+  call.params.lse = call.lse.data_ptr<float>();
+  fill_strides3(call.out, call.params.out_stride);
+  if (call.out.numel() == 0 || S == 0) {
+    // No key at all: every row is fully masked.
+    call.out.zero_();
+    call.lse.fill_(-std::numeric_limits<float>::infinity());
+    call.empty = true;
+  }
+  return call;
+}
+
+AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Tensor& query,
+                                       const at::Tensor& key, const at::Tensor& value,
+                                       const at::Tensor& out, const at::Tensor& logsumexp,
+                                       const std::optional<at::Tensor>& attn_mask, double scale,
+                                       bool is_causal, double dropout_p,
+                                       const std::optional<at::Tensor>& rng,
+                                       bool compute_mask_grad) {
+  check_attention_inputs(query, key, value);
+  check_dropout_p(dropout_p);
+  const int64_t N = query.size(0), H = query.size(1), L = query.size(2), S = key.size(2);
+  const int64_t Ev = value.size(3);
+  check_defined(grad_out, "grad_out");
+  check_dim(grad_out, "grad_out", 4);
+  check_same_dtype(grad_out, "grad_out", query, "query");
+  check_same_device(grad_out, "grad_out", query, "query");
+  check_dim(out, "out", 4);
+  check_same_dtype(out, "out", query, "query");
+  const int64_t expected_out[4] = {N, H, L, Ev};
+  for (int d = 0; d < 4; ++d) {
+    check_size(grad_out, "grad_out", d, expected_out[d], "as in (N, H, L, Ev)");
+    check_size(out, "out", d, expected_out[d], "as in (N, H, L, Ev)");
+  }
+  check_dim(logsumexp, "logsumexp", 3);
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == at::kFloat,
+                   "tx_kernels: `logsumexp` must be float32, got ", logsumexp.scalar_type());
+  TORCH_CHECK_VALUE(logsumexp.size(0) == N && logsumexp.size(1) == H && logsumexp.size(2) == L,
+                    "tx_kernels: `logsumexp` must have shape (N, H, L) = (", N, ", ", H, ", ", L,
+                    "), got ", logsumexp.sizes());
+
+  AttentionBwdCall call;
+  call.q = last_dim_contiguous(query);
+  call.k = last_dim_contiguous(key);
+  call.v = last_dim_contiguous(value);
+  call.out = last_dim_contiguous(out);
+  call.grad_out = last_dim_contiguous(grad_out);
+  call.lse = logsumexp.contiguous();
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    call.mask_arg = *attn_mask;
+    call.mask = broadcast_mask(*attn_mask, query, N, H, L, S);
+  }
+  TORCH_CHECK_VALUE(!compute_mask_grad || (call.mask.defined() && call.mask.scalar_type() != at::kBool),
+                    "tx_kernels: a gradient was requested for `attn_mask`, which is only possible "
+                    "for a floating-point (additive) mask");
+  call.dq = empty_like_layout(call.q, query.size(3), query.scalar_type());
+  call.dk = empty_like_layout(call.k, key.size(3), key.scalar_type());
+  call.dv = empty_like_layout(call.v, Ev, value.scalar_type());
+
+  auto& p = call.params;
+  fill_attention_common(p, call.q, call.k, call.v, call.mask, scale, is_causal, dropout_p, rng);
+  p.out = const_cast<void*>(call.out.data_ptr());
+  fill_strides3(call.out, p.out_stride);
+  p.lse = call.lse.data_ptr<float>();
+  p.grad_out = call.grad_out.data_ptr();
+  fill_strides3(call.grad_out, p.grad_out_stride);
+  p.dq = call.dq.data_ptr();
+  p.dk = call.dk.data_ptr();
+  p.dv = call.dv.data_ptr();
+  fill_strides3(call.dq, p.dq_stride);
+  fill_strides3(call.dk, p.dk_stride);
+  fill_strides3(call.dv, p.dv_stride);
+  if (compute_mask_grad) {
+    call.dmask_full = at::zeros({N, H, L, S}, query.options().dtype(at::kFloat));
+    p.dmask = call.dmask_full.data_ptr<float>();
+  }
+  if (call.q.numel() == 0 || call.k.numel() == 0 || call.v.numel() == 0 || L == 0 || S == 0) {
+    call.dq.zero_();
+    call.dk.zero_();
+    call.dv.zero_();
+    call.empty = true;
+  }
+  return call;
+}
+
+at::Tensor finish_attention_mask_grad(const AttentionBwdCall& call) {
+  if (!call.dmask_full.defined()) return at::empty({0}, call.q.options());
+  const auto& mask = call.mask_arg;
+  // Sum over the dimensions the mask was broadcast along, then drop the padded leading ones.
+  at::Tensor g = call.dmask_full;
+  const int64_t pad = 4 - mask.dim();
+  std::vector<int64_t> keep_shape(4, 1);
+  for (int64_t d = 0; d < mask.dim(); ++d) keep_shape[d + pad] = mask.size(d);
+  g = g.sum_to_size(keep_shape);
+  return g.reshape(mask.sizes()).to(mask.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+int64_t normalized_cols(const at::Tensor& input, int64_t normalized_ndim) {
+  TORCH_CHECK_VALUE(normalized_ndim >= 1 && normalized_ndim <= input.dim(),
+                    "tx_kernels: `normalized_shape` has ", normalized_ndim,
+                    " dimensions but `input` has shape ", input.sizes());
+  int64_t cols = 1;
+  for (int64_t d = input.dim() - normalized_ndim; d < input.dim(); ++d) cols *= input.size(d);
+  return cols;
+}
+
+// A (rows, cols) view with unit column stride, copying only when no such view exists.
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t cols) {
+  at::Tensor r = t.reshape({rows, cols});
+  if (cols > 1 && r.stride(1) != 1) r = r.contiguous();
+  return r;
+}
+
+at::Tensor param_as_fp32(const std::optional<at::Tensor>& param, const char* name,
+                         const at::Tensor& input, int64_t normalized_ndim, int64_t cols) {
+  if (!param.has_value() || !param->defined()) return at::Tensor();
+  const auto& p = *param;
+  check_floating(p, name);
+  check_same_device(p, name, input, "input");
+  bool shape_ok = p.dim() == normalized_ndim;
+  for (int64_t d = 0; shape_ok && d < normalized_ndim; ++d) {
+    shape_ok = p.size(d) == input.size(input.dim() - normalized_ndim + d);
+  }
+  TORCH_CHECK_VALUE(shape_ok, "tx_kernels: `", name, "` has shape ", p.sizes(),
+                    " but the normalized shape of `input` ", input.sizes(), " is its last ",
+                    normalized_ndim, " dimension(s)");
+  return p.reshape({cols}).to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
+                                        const std::optional<at::Tensor>& residual,
+                                        const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        int64_t normalized_ndim, double eps) {
+  check_defined(input, "input");
+  check_floating(input, "input");
+  const int64_t cols = normalized_cols(input, normalized_ndim);
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  LayerNormFwdCall call;
+  call.input2d = as_rows(input, rows, cols);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    check_same_dtype(*residual, "residual", input, "input");
+    check_same_device(*residual, "residual", input, "input");
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), "tx_kernels: `residual` has shape ",
+                      residual->sizes(), " but `input` has shape ", input.sizes());
+    call.residual2d = as_rows(*residual, rows, cols);
+  }
+  call.weight32 = param_as_fp32(weight, "weight", input, normalized_ndim, cols);
+  call.bias32 = param_as_fp32(bias, "bias", input, normalized_ndim, cols);
+  TORCH_CHECK_VALUE(eps >= 0.0, "tx_kernels: `eps` must be non-negative, got ", eps);
+
+  call.out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (has_residual) call.residual_out = at::empty_like(call.out);
+  call.mean = at::empty({rows}, input.options().dtype(at::kFloat));
+  call.rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+
+  auto& p = call.params;
+  p.dtype = to_dtype(input.scalar_type());
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = static_cast<float>(eps);
+  p.input = call.input2d.data_ptr();
+  p.input_row_stride = call.input2d.stride(0);
+  if (has_residual) {
+    p.residual = call.residual2d.data_ptr();
+    p.residual_row_stride = call.residual2d.stride(0);
+    p.residual_out = call.residual_out.data_ptr();
+  }
+  p.weight = call.weight32.defined() ? call.weight32.data_ptr<float>() : nullptr;
+  p.bias = call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr;
+  p.out = call.out.data_ptr();
+  p.mean = call.mean.data_ptr<float>();
+  p.rstd = call.rstd.data_ptr<float>();
+  return call;
+}
+
+LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
+                                        const std::optional<at::Tensor>& grad_residual_out,
+                                        const at::Tensor& input, const at::Tensor& mean,
+                                        const at::Tensor& rstd,
+                                        const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        int64_t normalized_ndim) {
+  check_defined(input, "input");
+  check_floating(input, "input");
+  check_defined(grad_out, "grad_out");
+  check_same_dtype(grad_out, "grad_out", input, "input");
+  check_same_device(grad_out, "grad_out", input, "input");
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "tx_kernels: `grad_out` has shape ",
+                    grad_out.sizes(), " but `input` has shape ", input.sizes());
+  const int64_t cols = normalized_cols(input, normalized_ndim);
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  TORCH_CHECK_VALUE(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat &&
+                        mean.numel() == rows && rstd.numel() == rows,
+                    "tx_kernels: `mean` and `rstd` must be float32 with ", rows, " elements");
+  LayerNormBwdCall call;
+  call.input2d = input.reshape({rows, cols}).contiguous();
+  call.grad_out2d = grad_out.reshape({rows, cols}).contiguous();
+  if (grad_residual_out.has_value() && grad_residual_out->defined()) {
+    check_same_dtype(*grad_residual_out, "grad_residual_out", input, "input");
+    TORCH_CHECK_VALUE(grad_residual_out->sizes() == input.sizes(),
+                      "tx_kernels: `grad_residual_out` has shape ", grad_residual_out->sizes(),
+                      " but `input` has shape ", input.sizes());
+    call.grad_residual2d = grad_residual_out->reshape({rows, cols}).contiguous();
+  }
+  call.weight32 = param_as_fp32(weight, "weight", input, normalized_ndim, cols);
+  if (weight.has_value() && weight->defined()) call.weight_arg = *weight;
+  if (bias.has_value() && bias->defined()) call.bias_arg = *bias;
+  call.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto f32 = input.options().dtype(at::kFloat);
+  if (call.weight_arg.defined()) call.grad_weight32 = at::empty({cols}, f32);
+  if (call.bias_arg.defined()) call.grad_bias32 = at::empty({cols}, f32);
+
+  auto& p = call.params;
+  p.dtype = to_dtype(input.scalar_type());
+  p.rows = rows;
+  p.cols = cols;
+  p.grad_out = call.grad_out2d.data_ptr();
+  p.grad_residual_out = call.grad_residual2d.defined() ? call.grad_residual2d.data_ptr() : nullptr;
+  p.input = call.input2d.data_ptr();
+  call.mean = mean.contiguous();
+  call.rstd = rstd.contiguous();
+  p.mean = call.mean.data_ptr<float>();
+  p.rstd = call.rstd.data_ptr<float>();
+  p.weight = call.weight32.defined() ? call.weight32.data_ptr<float>() : nullptr;
+  p.grad_input = call.grad_input.data_ptr();
+  p.grad_weight = call.grad_weight32.defined() ? call.grad_weight32.data_ptr<float>() : nullptr;
+  p.grad_bias = call.grad_bias32.defined() ? call.grad_bias32.data_ptr<float>() : nullptr;
+  if (rows == 0 || cols == 0) {
+    call.grad_input.zero_();
+    if (call.grad_weight32.defined()) call.grad_weight32.zero_();
+    if (call.grad_bias32.defined()) call.grad_bias32.zero_();
+  }
+  return call;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const LayerNormBwdCall& call) {
+  const auto empty = at::empty({0}, call.input2d.options());
+  auto gw = call.weight_arg.defined()
+                ? call.grad_weight32.reshape(call.weight_arg.sizes()).to(call.weight_arg.scalar_type())
+                : empty;
+  auto gb = call.bias_arg.defined()
+                ? call.grad_bias32.reshape(call.bias_arg.sizes()).to(call.bias_arg.scalar_type())
+                : empty;
+  return {call.grad_input, gw, gb};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias + activation
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+Activation parse_activation(std::string_view name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK_VALUE(false, "tx_kernels: `activation` must be 'relu', 'gelu' or 'gelu_tanh', got '",
+                    std::string(name), "'");
+}
+
+void fill_bias_act(BiasActParams& p, const at::Tensor& input, const at::Tensor& input2d,
+                   const at::Tensor& bias32, std::string_view activation, double dropout_p,
+                   const std::optional<at::Tensor>& rng) {
+  check_dropout_p(dropout_p);
+  p.dtype = to_dtype(input.scalar_type());
+  p.activation = parse_activation(activation);
+  p.rows = input2d.size(0);
+  p.cols = input2d.size(1);
+  p.input = input2d.data_ptr();
+  p.input_row_stride = input2d.stride(0);
+  p.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.rng = read_rng(rng, dropout_p);
+}
+
+at::Tensor bias_as_fp32(const std::optional<at::Tensor>& bias, const at::Tensor& input) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_floating(*bias, "bias");
+  check_same_device(*bias, "bias", input, "input");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == input.size(-1),
+                    "tx_kernels: `bias` must have shape (", input.size(-1),
+                    ",) to match the last dimension of `input` ", input.sizes(), ", got ",
+                    bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+void check_bias_act_input(const at::Tensor& input) {
+  check_defined(input, "input");
+  check_floating(input, "input");
+  TORCH_CHECK_VALUE(input.dim() >= 1, "tx_kernels: `input` must have at least 1 dimension");
+}
+
+}  // namespace
+
+BiasActFwdCall prepare_bias_act_fwd(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                    std::string_view activation, double dropout_p,
+                                    const std::optional<at::Tensor>& rng) {
+  check_bias_act_input(input);
+  BiasActFwdCall call;
+  const int64_t cols = input.size(-1);
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  call.input2d = as_rows(input, rows, cols);
+  call.bias32 = bias_as_fp32(bias, input);
+  call.out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  fill_bias_act(call.params, input, call.input2d, call.bias32, activation, dropout_p, rng);
+  call.params.out = call.out.data_ptr();
+  return call;
+}
+
+BiasActBwdCall prepare_bias_act_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                    const std::optional<at::Tensor>& bias,
+                                    std::string_view activation, double dropout_p,
+                                    const std::optional<at::Tensor>& rng) {
+  check_bias_act_input(input);
+  check_defined(grad_out, "grad_out");
+  check_same_dtype(grad_out, "grad_out", input, "input");
+  check_same_device(grad_out, "grad_out", input, "input");
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "tx_kernels: `grad_out` has shape ",
+                    grad_out.sizes(), " but `input` has shape ", input.sizes());
+  BiasActBwdCall call;
+  const int64_t cols = input.size(-1);
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  call.input2d = as_rows(input, rows, cols);
+  call.grad_out2d = grad_out.reshape({rows, cols}).contiguous();
+  call.bias32 = bias_as_fp32(bias, input);
+  if (bias.has_value() && bias->defined()) {
+    call.bias_arg = *bias;
+    call.grad_bias32 = at::zeros({cols}, input.options().dtype(at::kFloat));
+  }
+  call.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  auto& p = call.params;
+  fill_bias_act(p, input, call.input2d, call.bias32, activation, dropout_p, rng);
+  p.grad_out = call.grad_out2d.data_ptr();
+  p.grad_input = call.grad_input.data_ptr();
+  p.grad_bias = call.grad_bias32.defined() ? call.grad_bias32.data_ptr<float>() : nullptr;
+  return call;
+}
+
+at::Tensor finish_bias_grad(const BiasActBwdCall& call) {
+  if (!call.bias_arg.defined()) return at::empty({0}, call.grad_input.options());
+  return call.grad_bias32.to(call.bias_arg.scalar_type());
+}
+
+}  // namespace tx_kernels::binding

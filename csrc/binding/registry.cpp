@@ -1,0 +1,50 @@
+// registry.cpp: every tx_kernels operator schema, in one place. Backend kernels are registered in
+// cpu_ops.cpp and cuda_ops.cpp; fake (meta) kernels and autograd in tx_kernels/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// The module only has to be importable: loading it runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(tx_kernels, m) {
+  // Attention. rng is an int64 CPU tensor [seed, offset] (required when dropout_p > 0).
+  // Returns (out, logsumexp); logsumexp is fp32 (N, H, L).
+  m.def(
+      "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
+      "bool is_causal, float dropout_p, Tensor? rng) -> (Tensor, Tensor)");
+  // Returns (grad_query, grad_key, grad_value, grad_attn_mask); the last is empty unless
+  // compute_mask_grad, then it has the mask's shape and dtype.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor? attn_mask, float scale, bool is_causal, float dropout_p, "
+      "Tensor? rng, bool compute_mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // LayerNorm over the trailing normalized_ndim dims. Returns (out, mean, rstd); mean and rstd
+  // are fp32 with one entry per normalized row.
+  m.def(
+      "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, int normalized_ndim, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // residual_out = input + residual; out = layer_norm(residual_out).
+  // Returns (out, residual_out, mean, rstd).
+  m.def(
+      "add_layer_norm_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
+      "int normalized_ndim, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of both: `input` is the tensor that was normalized. grad_residual_out (the gradient
+  // flowing into residual_out) is added to the result. Returns (grad_input, grad_weight,
+  // grad_bias); a gradient whose parameter is None comes back empty.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor mean, "
+      "Tensor rstd, Tensor? weight, Tensor? bias, int normalized_ndim) -> (Tensor, Tensor, Tensor)");
+
+  // out = dropout(activation(input + bias)); activation is "relu", "gelu" or "gelu_tanh".
+  m.def(
+      "bias_act_fwd(Tensor input, Tensor? bias, str activation, float dropout_p, Tensor? rng) "
+      "-> Tensor");
+  // Returns (grad_input, grad_bias); grad_bias is empty when bias is None.
+  m.def(
+      "bias_act_bwd(Tensor grad_out, Tensor input, Tensor? bias, str activation, float dropout_p, "
+      "Tensor? rng) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,157 @@
+// params.h: the torch-free interface between the bindings and every kernel, CPU or CUDA.
+//
+// A binding checks its tensors, allocates outputs, fills one of these structs and calls a launcher;
+// kernels never see a tensor. Pointers are untyped and tagged with a DType; all sizes and strides
+// are 64-bit and counted in elements. Plain C++ only, so the CPU build and plain nvcc both include it.
+#pragma once
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace tx_kernels {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kBool = 4 };
+
+// ---------------------------------------------------------------------------------------------
+// Attention: out = softmax(scale * q k^T + mask) v, per (batch n, head h).
+//   q   (N, H,   L, E)    k (N, Hkv, S, E)    v (N, Hkv, S, Ev)    out (N, H, L, Ev)
+//   lse (N, H, L) fp32, contiguous: the natural log of the softmax denominator of each row,
+//       including the scale and the mask; -inf for a row with no allowed key.
+// GQA: head h reads key/value head h / (H / Hkv). The last dimension of q, k, v, out, grad_out and
+// their gradients has stride 1 (bindings copy otherwise); every other stride is free.
+// Masks are read through four strides (0 on a broadcast dimension): kBool means true = attend;
+// any floating DType is added to the scaled scores. is_causal lets query i see keys 0..i (top-left
+// aligned, as torch does). A row with no allowed key yields out = 0, lse = -inf, zero gradients.
+// ---------------------------------------------------------------------------------------------
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
+
+struct AttentionParams {
+  DType dtype = DType::kFloat32;  // of q, k, v, out (and grad_out, dq, dk, dv in the backward)
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+
+  int64_t batch = 0, heads = 0, kv_heads = 0;
+  int64_t q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
+
+  // strides of dims (batch, head, row); the last dim is contiguous
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t out_stride[3] = {0, 0, 0};
+
+  MaskKind mask_kind = MaskKind::kNone;
+  DType mask_dtype = DType::kBool;
+  const void* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};  // (batch, head, query, key), 0 where broadcast
+
+  float scale = 1.0f;
+  bool is_causal = false;
+
+  float dropout_p = 0.0f;  // probability of dropping an attention probability
+  DropoutRng rng;          // element index ((n * H + h) * L + i) * S + j
+
+  // Filled by CUDA bindings from the device: kernels never query it themselves.
+  int num_sms = 0;
+  int64_t max_smem_per_block = 0;
+};
+
+struct AttentionBwdParams : AttentionParams {
+  const void* grad_out = nullptr;  // (N, H, L, Ev)
+  int64_t grad_out_stride[3] = {0, 0, 0};
+
+  void* dq = nullptr;  // (N, H, L, E)
+  void* dk = nullptr;  // (N, Hkv, S, E): summed over the H / Hkv query heads of a group
+  void* dv = nullptr;  // (N, Hkv, S, Ev)
+  int64_t dq_stride[3] = {0, 0, 0};
+  int64_t dk_stride[3] = {0, 0, 0};
+  int64_t dv_stride[3] = {0, 0, 0};
+
+  // Gradient of an additive mask, written as the full (N, H, L, S) fp32 tensor dS (contiguous);
+  // the binding reduces it to the mask's broadcast shape. nullptr when not requested.
+  float* dmask = nullptr;
+
+  // Scratch owned by the binding, sized by the launcher's workspace query (CUDA): D = rowsum(dO*O)
+  // and fp32 dq accumulators.
+  float* workspace = nullptr;
+  bool deterministic = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension of a (rows, cols) view, optionally of the sum input + residual:
+//   s = input (+ residual);  out = (s - mean) * rstd * weight + bias;  residual_out = s
+// mean and rstd are fp32 (rows). weight and bias are fp32 (cols) or nullptr (treated as 1 and 0).
+// Input and residual rows may be strided; out and residual_out are contiguous.
+// ---------------------------------------------------------------------------------------------
+struct LayerNormParams {
+  DType dtype = DType::kFloat32;  // of input, residual, out, residual_out, grad_out, grad_input
+  int64_t rows = 0, cols = 0;
+  float eps = 1e-5f;
+
+  const void* input = nullptr;
+  int64_t input_row_stride = 0;
+  const void* residual = nullptr;  // nullptr: plain LayerNorm
+  int64_t residual_row_stride = 0;
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+
+  void* out = nullptr;
+  void* residual_out = nullptr;  // written only when residual != nullptr
+  float* mean = nullptr;
+  float* rstd = nullptr;
+};
+
+// Backward of the above. `input` is the tensor that was normalized (residual_out in the fused op).
+//   grad_input = d(loss)/ds, including grad_residual_out when given; both input and residual of
+//   the fused op receive exactly this gradient.
+struct LayerNormBwdParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+
+  const void* grad_out = nullptr;           // contiguous (rows, cols)
+  const void* grad_residual_out = nullptr;  // contiguous (rows, cols) or nullptr
+  const void* input = nullptr;              // contiguous (rows, cols)
+  const float* mean = nullptr;
+  const float* rstd = nullptr;
+  const float* weight = nullptr;  // fp32 (cols) or nullptr
+
+  void* grad_input = nullptr;  // contiguous (rows, cols)
+  float* grad_weight = nullptr;  // fp32 (cols) or nullptr when not wanted
+  float* grad_bias = nullptr;    // fp32 (cols) or nullptr when not wanted
+
+  // Scratch for the deterministic two-stage weight/bias reduction (CUDA): fp32, sized by the
+  // launcher's workspace query.
+  float* workspace = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Bias + activation (+ dropout) on a (rows, cols) view:  out = dropout(act(input + bias))
+// ---------------------------------------------------------------------------------------------
+enum class Activation : int32_t { kRelu = 0, kGelu = 1, kGeluTanh = 2 };
+
+struct BiasActParams {
+  DType dtype = DType::kFloat32;  // of input, out, grad_out, grad_input
+  Activation activation = Activation::kRelu;
+  int64_t rows = 0, cols = 0;
+
+  const void* input = nullptr;
+  int64_t input_row_stride = 0;
+  const float* bias = nullptr;  // fp32 (cols) or nullptr
+  void* out = nullptr;          // contiguous (rows, cols)
+
+  float dropout_p = 0.0f;  // element index row * cols + col
+  DropoutRng rng;
+};
+
+struct BiasActBwdParams : BiasActParams {
+  const void* grad_out = nullptr;  // contiguous (rows, cols)
+  void* grad_input = nullptr;      // contiguous (rows, cols): also the gradient of the bias' rows
+  float* grad_bias = nullptr;      // fp32 (cols) or nullptr when not wanted
+  float* workspace = nullptr;      // CUDA: deterministic two-stage bias-gradient reduction
+};
+
+}  // namespace tx_kernels

@@ -1,0 +1,72 @@
+"""Builds tx_kernels._C: the CPU kernels always, the CUDA kernels when torch and nvcc have CUDA.
+
+TX_KERNELS_CUDA=0 forces a CPU-only build, TX_KERNELS_CUDA=1 insists on CUDA (an error if it
+cannot). TX_KERNELS_NATIVE_ISA=0 keeps the CPU kernels at the compiler's baseline instruction set
+instead of AVX2+FMA on x86-64 machines that have them.
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    forced = os.environ.get("TX_KERNELS_CUDA")
+    import torch
+
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if forced == "1" and not available:
+        raise RuntimeError("TX_KERNELS_CUDA=1 but torch has no CUDA build or nvcc was not found")
+    return available if forced is None else forced == "1"
+
+
+def _cpu_isa_flags():
+    if os.environ.get("TX_KERNELS_NATIVE_ISA", "1") == "0":
+        return []
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return []
+    if " avx2" in flags and " fma" in flags:
+        # at::vec picks its AVX2 implementation from these macros.
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def extension():
+    use_cuda = _want_cuda()
+    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"] + _cpu_isa_flags()
+    sources = _rel("csrc/binding/registry.cpp") + _rel("csrc/binding/prepare.cpp")
+    sources += _rel("csrc/binding/cpu_ops.cpp") + _rel("csrc/cpu/*.cpp")
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    if use_cuda:
+        sources += _rel("csrc/binding/cuda_ops.cpp") + _rel("csrc/kernels/*.cu")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+                "-Xptxas=-warn-spills"]
+        return cpp_extension.CUDAExtension(
+            "tx_kernels._C", sources, extra_compile_args={"cxx": cxx + ["-DTX_KERNELS_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs)
+    return cpp_extension.CppExtension("tx_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    name="tx_kernels",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels for Transformer layers, as a PyTorch extension",
+    packages=find_packages(include=["tx_kernels", "tx_kernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+)

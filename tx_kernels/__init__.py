@@ -1,0 +1,15 @@
+"""tx_kernels: fused C++/CUDA kernels for Transformer layers, as PyTorch operators.
+
+    import tx_kernels.functional as TF
+    out = TF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y, residual = TF.add_layer_norm(x, residual, (d,), weight, bias)
+
+Operators live under torch.ops.tx_kernels (CPU and, in CUDA builds, CUDA kernels); tx_kernels.ops
+registers their fake kernels and autograd formulas, so they work under torch.compile and backward.
+"""
+from . import ops  # noqa: F401  (loads the extension and registers fake kernels and autograd)
+from . import functional  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "ops", "__version__"]

@@ -1,0 +1,189 @@
+"""Fake (meta) kernels and autograd for every tx_kernels operator.
+
+The schemas live in csrc/binding/registry.cpp, the CPU/CUDA kernels in csrc/; this module makes the
+operators traceable (torch.compile, FakeTensor) and differentiable. Backward formulas call the
+backward operators, so a compiled training graph stays inside tx_kernels kernels.
+"""
+import torch
+
+from . import _C  # noqa: F401  (its static initializers register the operators)
+
+ops = torch.ops.tx_kernels
+
+__all__ = ["ops", "has_cuda_kernels"]
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build carries the CUDA kernels (a CUDA build of torch and nvcc at build time)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("tx_kernels::attention_fwd", "CUDA")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout rules shared with csrc/binding/prepare.cpp
+# ----------------------------------------------------------------------------------------------
+def _effective_strides(t):
+    # The binding copies a tensor whose last dim is not contiguous.
+    if t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
+
+
+def _empty_like_layout(like, last, dtype):
+    """An output laid out like `like` (see empty_like_layout in prepare.cpp)."""
+    n, h, l = like.shape[0], like.shape[1], like.shape[2]
+    strides = _effective_strides(like)
+    if strides[1] < strides[2]:
+        return like.new_empty((n, l, h, last), dtype=dtype).transpose(1, 2)
+    return like.new_empty((n, h, l, last), dtype=dtype)
+
+
+def _rows(t, normalized_ndim):
+    rows = 1
+    for s in t.shape[: t.dim() - normalized_ndim]:
+        rows *= s
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("tx_kernels::attention_fwd")
+def _attention_fwd_fake(query, key, value, attn_mask, scale, is_causal, dropout_p, rng):
+    out = _empty_like_layout(query, value.shape[-1], query.dtype)
+    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("tx_kernels::attention_bwd")
+def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, scale, is_causal,
+                        dropout_p, rng, compute_mask_grad):
+    dq = _empty_like_layout(query, query.shape[-1], query.dtype)
+    dk = _empty_like_layout(key, key.shape[-1], key.dtype)
+    dv = _empty_like_layout(value, value.shape[-1], value.dtype)
+    if compute_mask_grad:
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = query.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+def _attention_setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, scale, is_causal, dropout_p, rng = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, rng)
+    ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, out, lse, rng = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    mask_grad = bool(ctx.needs_input_grad[3]) and attn_mask is not None
+    dq, dk, dv, dmask = ops.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                                          ctx.scale, ctx.is_causal, ctx.dropout_p, rng, mask_grad)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
+
+
+torch.library.register_autograd("tx_kernels::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm and residual-add + LayerNorm
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("tx_kernels::layer_norm_fwd")
+def _layer_norm_fwd_fake(input, weight, bias, normalized_ndim, eps):
+    rows = _rows(input, normalized_ndim)
+    stats = input.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
+
+
+@torch.library.register_fake("tx_kernels::add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps):
+    rows = _rows(input, normalized_ndim)
+    stats = input.new_empty((rows,), dtype=torch.float32)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out), stats, stats.clone()
+
+
+@torch.library.register_fake("tx_kernels::layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
+                         normalized_ndim):
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+    grad_weight = torch.empty_like(weight) if weight is not None else input.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
+    return grad_input, grad_weight, grad_bias
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    input, weight, bias, normalized_ndim, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, mean, rstd, weight, bias)
+    ctx.normalized_ndim = normalized_ndim
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_out, grad_mean, grad_rstd):
+    input, mean, rstd, weight, bias = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = ops.layer_norm_bwd(
+        grad_out, None, input, mean, rstd, weight, bias, ctx.normalized_ndim)
+    return (grad_input, grad_weight if weight is not None else None,
+            grad_bias if bias is not None else None, None, None)
+
+
+torch.library.register_autograd("tx_kernels::layer_norm_fwd", _layer_norm_backward,
+                                setup_context=_layer_norm_setup_context)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    input, residual, weight, bias, normalized_ndim, eps = inputs
+    _, residual_out, mean, rstd = output
+    ctx.save_for_backward(residual_out, mean, rstd, weight, bias)
+    ctx.normalized_ndim = normalized_ndim
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd):
+    residual_out, mean, rstd, weight, bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(residual_out)
+    grad_sum, grad_weight, grad_bias = ops.layer_norm_bwd(
+        grad_out, grad_residual_out, residual_out, mean, rstd, weight, bias, ctx.normalized_ndim)
+    return (grad_sum, grad_sum, grad_weight if weight is not None else None,
+            grad_bias if bias is not None else None, None, None)
+
+
+torch.library.register_autograd("tx_kernels::add_layer_norm_fwd", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bias + activation (+ dropout)
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("tx_kernels::bias_act_fwd")
+def _bias_act_fwd_fake(input, bias, activation, dropout_p, rng):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tx_kernels::bias_act_bwd")
+def _bias_act_bwd_fake(grad_out, input, bias, activation, dropout_p, rng):
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+    grad_bias = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
+    return grad_input, grad_bias
+
+
+def _bias_act_setup_context(ctx, inputs, output):
+    input, bias, activation, dropout_p, rng = inputs
+    ctx.save_for_backward(input, bias, rng)
+    ctx.activation, ctx.dropout_p = activation, dropout_p
+
+
+def _bias_act_backward(ctx, grad_out):
+    input, bias, rng = ctx.saved_tensors
+    grad_input, grad_bias = ops.bias_act_bwd(grad_out, input, bias, ctx.activation, ctx.dropout_p, rng)
+    return grad_input, (grad_bias if bias is not None else None), None, None, None
+
+
+torch.library.register_autograd("tx_kernels::bias_act_fwd", _bias_act_backward,
+                                setup_context=_bias_act_setup_context)
