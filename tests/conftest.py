@@ -1,0 +1,44 @@
+"""Shared test utilities: error measurement against references and device selection."""
+import pytest
+import torch
+
+import tx_kernels  # noqa: F401
+
+
+def devices():
+    """CPU always; CUDA when this build has CUDA kernels and a GPU is present."""
+    out = ["cpu"]
+    if torch.cuda.is_available() and tx_kernels.ops.has_cuda_kernels():
+        out.append("cuda")
+    return out
+
+
+def max_abs_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref||, in float64; NaN anywhere makes it inf."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=1e-6, name=""):
+    """FlashAttention's rule: our max error vs the reference is at most factor x stock torch's."""
+    ours_err = max_abs_err(ours, ref)
+    torch_err = max_abs_err(torch_same_precision, ref)
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values in output"
+    assert ours_err <= factor * torch_err + atol, (
+        f"{name}: max error {ours_err:.3e} vs stock torch {torch_err:.3e} (allowed {factor}x + {atol})")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs every run, but reproducible from the printed seed on failure.
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield

@@ -1,0 +1,85 @@
+"""Plain-PyTorch references written from the definitions, shared by tests and benchmarks.
+
+These are the specification, not an implementation detail: each follows the textbook formula with
+no fusion or tiling, so tests compare the kernels against them in float64 (or float32 on CUDA).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+              dropout_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+    """softmax(scale * q k^T + mask) v with (N, H, L, E) inputs, materializing the scores.
+
+    Rows with no allowed key give 0 (the tx_kernels convention). dropout_mask, if given, is a
+    boolean keep-mask of shape (N, H, L, S) applied to the probabilities with 1 / (1 - dropout_p).
+    """
+    N, H, L, E = query.shape
+    S = key.shape[-2]
+    if key.shape[1] != H:
+        group = H // key.shape[1]
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    allowed = torch.ones(L, S, dtype=torch.bool, device=query.device)
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+    allowed = allowed.expand(N, H, L, S)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask.expand(N, H, L, S)
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = torch.where(denom > 0, weights / denom.clamp_min(torch.finfo(denom.dtype).tiny),
+                        torch.zeros_like(weights))
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+    return torch.matmul(probs, value)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, normalized_ndim=1):
+    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, normalized_ndim=1):
+    s = x + residual
+    return layer_norm(s, weight, bias, eps, normalized_ndim), s
+
+
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def bias_act(x, bias, activation):
+    y = x + bias if bias is not None else x
+    if activation == "relu":
+        return torch.clamp_min(y, 0.0)
+    if activation == "gelu":
+        return gelu(y)
+    if activation == "gelu_tanh":
+        return gelu(y, "tanh")
+    raise ValueError(activation)
+
+
+def feed_forward(x, w1, b1, w2, b2, activation="relu"):
+    return F.linear(bias_act(F.linear(x, w1), b1, activation), w2, b2)
