@@ -114,7 +114,7 @@ void fill_attention_common(AttentionParams& p, const at::Tensor& q, const at::Te
     p.mask = mask.data_ptr();
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
   }
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.is_causal = is_causal;
   p.dropout_p = static_cast<float>(dropout_p);
   p.rng = read_rng(rng, dropout_p);

@@ -49,7 +49,7 @@ struct AttentionParams {
   const void* mask = nullptr;
   int64_t mask_stride[4] = {0, 0, 0, 0};  // (batch, head, query, key), 0 where broadcast
 
-  float scale = 1.0f;
+  double scale = 1.0;  // double so fp64 inputs keep full precision; CUDA kernels narrow it
   bool is_causal = false;
 
   float dropout_p = 0.0f;  // probability of dropping an attention probability
