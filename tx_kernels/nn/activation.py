@@ -18,7 +18,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     strict=True and ``isinstance(m, torch.nn.MultiheadAttention)`` holds.
 
     Differences from torch.nn.MultiheadAttention:
-    - A query row whose keys are all masked gives 0 (torch gives NaN), also in the returned weights.
+    - A query row whose keys are all masked gives 0 on every path, also in the returned weights
+      (torch 2.13 gives 0 with need_weights=False but NaN with need_weights=True).
     - ``is_causal=True`` works without ``attn_mask`` (torch requires the mask as a hint); when both
       are given, the mask is trusted to be causal (as torch's SDPA path does) and not read.
     - need_weights=True (torch's default) computes the weights in plain PyTorch (a slower path

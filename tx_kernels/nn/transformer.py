@@ -10,7 +10,7 @@ Inside:
 - FFN: tx_kernels.functional.feed_forward (bias + activation + dropout fused) for ReLU/GELU
   activations; any other callable runs unfused as linear2(dropout(activation(linear1(x)))).
 
-Differences from torch.nn: fully masked query rows give 0, not NaN; no nested-tensor fast path
+Differences from torch.nn: fully masked query rows give 0 (torch: 0 or NaN depending on the path); no nested-tensor fast path
 (torch's eval-mode fast path writes 0 at padded query positions of TransformerEncoder outputs;
 here those positions hold ordinary values computed from the unpadded keys); dropout masks
 come from tx_kernels' generator (same distribution, different draws than torch for one seed).
