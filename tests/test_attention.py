@@ -273,3 +273,12 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(loss, loss_ref)
     for a, b in zip(grads, grads_ref):
         assert torch.allclose(a, b)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = TF.scaled_dot_product_attention(q, k, v)
+        torch_out = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch_out.dtype == torch.bfloat16
+    assert_within_torch_error(out, torch_out, R.attention(q.double(), k.double(), v.double()))
