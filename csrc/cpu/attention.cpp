@@ -185,7 +185,7 @@ void attention_fwd_impl(const AttentionParams& p) {
   const int64_t bq = std::min(kQBlock, L);
   const int64_t bk = std::min(kKvBlock, S);
   const int64_t q_blocks = ceil_div(L, bq);
-  const bool dropout = p.dropout_p > 0.0f;
+  const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = static_cast<acc_t>(dropout_scale(p.dropout_p));
   const auto* q_all = static_cast<const scalar_t*>(p.q);
@@ -265,7 +265,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   const int64_t group = H / Hkv;
   const int64_t bq = std::min(kQBlock, L);
   const int64_t bk = std::min(kKvBlock, S);
-  const bool dropout = p.dropout_p > 0.0f;
+  const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = static_cast<acc_t>(dropout_scale(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
