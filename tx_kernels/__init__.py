@@ -9,7 +9,9 @@ registers their fake kernels and autograd formulas, so they work under torch.com
 """
 from . import ops  # noqa: F401  (loads the extension and registers fake kernels and autograd)
 from . import functional  # noqa: F401
+from . import nn  # noqa: F401
+from .integrations import patch  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "ops", "__version__"]
+__all__ = ["functional", "nn", "ops", "patch", "__version__"]

@@ -1,0 +1,254 @@
+"""tx_kernels.patch(model): run an existing torch.nn / Hugging Face model on tx_kernels, in place.
+
+What is patched, and how (every replacement keeps the module object and its Parameter objects:
+the module's class is swapped for a tx_kernels subclass or look-alike, so optimizers, tied
+weights, hooks and state_dicts are untouched):
+
+torch.nn (any model): Transformer, TransformerEncoder/Decoder(+Layer), MultiheadAttention and the
+LayerNorms inside them become their tx_kernels.nn counterparts (same attributes; encoders stop
+using torch's nested-tensor path).
+
+Hugging Face GPT-2 (GPT2Model, GPT2LMHeadModel and the other GPT2PreTrainedModel heads) and
+BERT (BertModel and its task heads):
+- attention: a "tx_kernels" function is registered in transformers' AttentionInterface (with
+  sdpa's mask builder in AttentionMaskInterface) and selected with set_attn_implementation. HF
+  keeps doing the projections, the cache updates (DynamicCache/StaticCache/EncoderDecoderCache)
+  and the mask building; only softmax(QK^T)V moves to the fused kernel. This is the public,
+  versioned extension point of transformers >= 4.48 (masks: >= 4.53), so it survives the
+  frequent rewrites of the modeling files; replacing GPT2Attention/BertSelfAttention forwards
+  would have to reimplement HF's cache handling for each version.
+- every nn.LayerNorm -> tx_kernels.nn.LayerNorm;
+- GPT2MLP -> feed_forward (Conv1D weights read transposed, as views: no copies);
+- BertSelfOutput / BertOutput -> dense, dropout, then add_layer_norm (residual add + LN fused);
+  BertIntermediate -> GEMM + fused bias/GELU.
+GPT-2's residual adds stay in HF's GPT2Block.forward (fusing them means replacing the block's
+forward, whose signature changes between transformers releases).
+
+Supported: transformers 4.53 - 5.x (tested: 5.23.0). On older versions, or for modules whose
+forward signature is not the one expected, the module is left alone and reported. Other
+architectures are left alone (their torch.nn Transformer modules, if any, are still patched).
+The report is returned by patch(model, return_report=True), stored as model.tx_kernels_patch_report,
+and everything left alone is also announced with a warning.
+
+Numerical differences: fully masked query rows (e.g. left-padding positions) give 0 instead of
+HF's values; outputs at real tokens are unaffected.
+"""
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as TF
+from .. import nn as tnn
+from ..models._common import HF_ACTIVATIONS
+
+ATTN_IMPL = "tx_kernels"
+
+
+@dataclass
+class PatchReport:
+    patched: List[str] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"tx_kernels.patch: {len(self.patched)} modules patched"]
+        lines += [f"  left alone: {name or '<model>'}: {why}" for name, why in self.left_alone]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.nn
+# ------------------------------------------------------------------------------------------------
+_TORCH_NN = {
+    nn.Transformer: tnn.Transformer,
+    nn.TransformerEncoder: tnn.TransformerEncoder,
+    nn.TransformerDecoder: tnn.TransformerDecoder,
+    nn.TransformerEncoderLayer: tnn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer: tnn.TransformerDecoderLayer,
+    nn.MultiheadAttention: tnn.MultiheadAttention,
+}
+
+
+def _swap(module, cls):
+    module.__class__ = cls
+    if isinstance(module, tnn.TransformerEncoder):
+        module.use_nested_tensor = False
+
+
+def _patch_torch_nn(model, report, inside_transformer=False, prefix=""):
+    for name, m in model.named_modules(prefix=prefix):
+        cls = _TORCH_NN.get(type(m))
+        if cls is not None:
+            _swap(m, cls)
+            report.patched.append(f"{name or '<model>'} ({type(m).__name__})")
+            for sub_name, sub in m.named_modules(prefix=name):
+                if type(sub) is nn.LayerNorm:
+                    _swap(sub, tnn.LayerNorm)
+                    report.patched.append(f"{sub_name} (LayerNorm)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face
+# ------------------------------------------------------------------------------------------------
+def _tx_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers attention-interface function: (N, H, L, E) inputs -> ((N, L, H, E) output, None)."""
+    if kwargs.get("output_attentions", False):
+        warnings.warn("tx_kernels attention does not return attention weights (output_attentions=True); "
+                      "set_attn_implementation('eager') for them", stacklevel=2)
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError("tx_kernels: transformers' paged attention cache is not supported")
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("tx_kernels: `position_bias`/`softcap` attention arguments are not supported")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' sdpa integration: the flag only when no mask was built and L > 1.
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and kv_len > q_len:
+        # Prefill into an empty static cache: the keys past q_len are unused slots.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    enable_gqa = query.shape[1] != key.shape[1]
+    out = TF.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_hf_attention():
+    """Register the attention (and mask) function; returns an error string or None."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return "this transformers version has no AttentionInterface (needs >= 4.48)"
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return "this transformers version has no AttentionMaskInterface (needs >= 4.53)"
+    AttentionInterface.register(ATTN_IMPL, _tx_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)  # bool masks, True = attend (as our kernel)
+    return None
+
+
+def _params(fn):
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+def _make_hf_classes(hf_act):
+    """tx_kernels subclasses of the HF modules (built lazily: transformers is optional)."""
+    from transformers.models.bert import modeling_bert as mb
+    from transformers.models.gpt2 import modeling_gpt2 as mg
+
+    class TxGPT2MLP(mg.GPT2MLP):
+        def forward(self, hidden_states):
+            # Conv1D keeps weights as (in, out); .t() gives F.linear's (out, in) as a view.
+            y = TF.feed_forward(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(),
+                                self.c_proj.bias, self._tx_act)
+            return self.dropout(y)
+
+    class TxBertIntermediate(mb.BertIntermediate):
+        def forward(self, hidden_states):
+            return TF.bias_act(F.linear(hidden_states, self.dense.weight), self.dense.bias, self._tx_act)
+
+    def _add_ln_forward(self, hidden_states, input_tensor):
+        h = self.dropout(self.dense(hidden_states))
+        ln = self.LayerNorm
+        return TF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)[0]
+
+    class TxBertSelfOutput(mb.BertSelfOutput):
+        forward = _add_ln_forward
+
+    class TxBertOutput(mb.BertOutput):
+        forward = _add_ln_forward
+
+    return {
+        mg.GPT2MLP: (TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout")),
+        mb.BertIntermediate: (TxBertIntermediate, ["hidden_states"], ("dense",)),
+        mb.BertSelfOutput: (TxBertSelfOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
+        mb.BertOutput: (TxBertOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
+    }
+
+
+_HF_CLASS_CACHE = {}
+
+
+def _hf_family(model):
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None, None
+    if not isinstance(model, PreTrainedModel):
+        return None, None
+    try:
+        from transformers.models.bert.modeling_bert import BertPreTrainedModel
+        from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
+    except ImportError:
+        return "unsupported", None
+    if isinstance(model, GPT2PreTrainedModel):
+        return "gpt2", getattr(model.config, "activation_function", None)
+    if isinstance(model, BertPreTrainedModel):
+        return "bert", getattr(model.config, "hidden_act", None)
+    return "unsupported", None
+
+
+def _patch_hf(model, family, act_name, report):
+    import transformers
+
+    err = _register_hf_attention()
+    if err is None:
+        try:
+            model.set_attn_implementation(ATTN_IMPL)
+            if model.config._attn_implementation != ATTN_IMPL:
+                err = f"set_attn_implementation kept {model.config._attn_implementation!r}"
+        except Exception as e:  # noqa: BLE001  (any refusal is reported, not fatal)
+            err = f"set_attn_implementation('{ATTN_IMPL}') failed: {e}"
+    if err is None:
+        report.patched.append(f"attention ({family}: attn_implementation='{ATTN_IMPL}')")
+    else:
+        report.left_alone.append(("attention", f"{err} (transformers {transformers.__version__})"))
+
+    tx_act = HF_ACTIVATIONS.get(act_name) if isinstance(act_name, str) else None
+    classes = _make_hf_classes(tx_act)
+    for name, m in model.named_modules():
+        if type(m) is nn.LayerNorm:
+            _swap(m, tnn.LayerNorm)
+            report.patched.append(f"{name} (LayerNorm)")
+            continue
+        entry = classes.get(type(m))
+        if entry is None:
+            continue
+        cls, expected_args, attrs = entry
+        if _params(type(m).forward) != expected_args or not all(hasattr(m, a) for a in attrs):
+            report.left_alone.append((name, f"{type(m).__name__} has an unexpected forward/attributes in "
+                                            f"transformers {transformers.__version__}"))
+            continue
+        if cls.__name__ in ("TxGPT2MLP", "TxBertIntermediate"):
+            if tx_act is None:
+                report.left_alone.append((name, f"activation {act_name!r} has no fused kernel"))
+                continue
+            m._tx_act = tx_act
+        _swap(m, cls)
+        report.patched.append(f"{name} ({type(m).__mro__[1].__name__})")
+
+
+def patch(model: nn.Module, return_report: bool = False, warn: bool = True):
+    """Make `model` run on tx_kernels, in place (see the module docstring). Returns the model, or
+    (model, PatchReport) with return_report=True. Parameters are shared, never copied."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tx_kernels.patch: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    family, act = _hf_family(model)
+    if family in ("gpt2", "bert"):
+        _patch_hf(model, family, act, report)
+    elif family == "unsupported":
+        report.left_alone.append(("", f"{type(model).__name__}: only Hugging Face GPT-2 and BERT models are "
+                                      f"patched (torch.nn Transformer modules inside are still patched)"))
+    _patch_torch_nn(model, report)
+    if not report.patched and not report.left_alone:
+        report.left_alone.append(("", f"{type(model).__name__}: nothing tx_kernels can patch was found"))
+    model.tx_kernels_patch_report = report
+    if warn and report.left_alone:
+        warnings.warn(str(report), stacklevel=2)
+    return (model, report) if return_report else model
