@@ -386,13 +386,13 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const LayerNormBwdCall& call) {
-  const auto empty = at::empty({0}, call.input2d.options());
+  // Distinct empty tensors: outputs of an op must not alias each other (opcheck's schema test).
   auto gw = call.weight_arg.defined()
                 ? call.grad_weight32.reshape(call.weight_arg.sizes()).to(call.weight_arg.scalar_type())
-                : empty;
+                : at::empty({0}, call.input2d.options());
   auto gb = call.bias_arg.defined()
                 ? call.grad_bias32.reshape(call.bias_arg.sizes()).to(call.bias_arg.scalar_type())
-                : empty;
+                : at::empty({0}, call.input2d.options());
   return {call.grad_input, gw, gb};
 }
 

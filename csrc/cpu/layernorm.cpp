@@ -1,0 +1,320 @@
+// layernorm.cpp: CPU residual-add + LayerNorm, forward and backward (semantics in params.h).
+//
+// Forward: one pass over memory per row. The row (input + residual) is read once, widened to the
+// accumulator type into a thread-local row buffer (a few KB, so it stays in L1/L2), residual_out is
+// written during that read; mean and variance then come from two passes over the hot buffer
+// (sum, then sum of squared deviations: no cancellation, unlike E[x^2] - E[x]^2), and out is
+// written once. Rows are independent and split across threads with at::parallel_for.
+//
+// Backward: per row, grad_input = rstd * (a - mean(a) - xhat * mean(a * xhat)) with a = g * w and
+// xhat recomputed from input, mean and rstd. grad_weight / grad_bias are column sums reduced
+// deterministically (see RowBlocks in vec_io.h).
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+#include "vec_io.h"
+
+namespace tx_kernels::cpu {
+namespace {
+
+using detail::Block;
+using detail::hsum;
+
+// Rows per parallel task: at least ~16K elements so a task is worth waking a thread for.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)); }
+
+// Mean of a row as the forward computes it: the sum of (x - k) with k = x[0] (shifting by a sample
+// of the row keeps the fp32 sum small when |mean| >> std), in blocks of two vectors, padding lanes
+// masked. The fp64 backward recomputes the mean with this same function and order.
+template <typename T>
+typename Block<T>::Acc row_mean(const T* x, int64_t n) {
+  using B = Block<T>;
+  using Acc = typename B::Acc;
+  using AVec = typename B::AVec;
+  const Acc k = static_cast<Acc>(x[0]);
+  const AVec kv(k);
+  AVec s0(0), s1(0), a, b;
+  int64_t c = 0;
+  for (; c + B::kSize <= n; c += B::kSize) {
+    B::load(x + c, a, b);
+    s0 = s0 + (a - kv);
+    s1 = s1 + (b - kv);
+  }
+  if (c < n) {
+    B::load(x + c, n - c, a, b);
+    a = a - kv;
+    b = b - kv;
+    B::keep_first(n - c, a, b);
+    s0 = s0 + a;
+    s1 = s1 + b;
+  }
+  return k + hsum(s0 + s1) / static_cast<Acc>(n);
+}
+
+template <typename T>
+void layer_norm_fwd_impl(const LayerNormParams& p) {
+  using B = Block<T>;
+  using Acc = typename B::Acc;
+  using AVec = typename B::AVec;
+  constexpr int64_t L = B::kLanes, K = B::kSize;
+  const int64_t rows = p.rows, cols = p.cols;
+  if (rows <= 0 || cols <= 0) return;
+  const int64_t padded = detail::round_up(cols, K);
+  const auto weight = detail::column_param<Acc>(p.weight, cols, padded, Acc(1));
+  const auto bias = detail::column_param<Acc>(p.bias, cols, padded, Acc(0));
+  const Acc* w = weight.data();
+  const Acc* bb = bias.data();
+  const int64_t full = cols - cols % K;
+  const int64_t tail = cols - full;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(cols);
+  const Acc eps = static_cast<Acc>(p.eps);
+
+  const T* input = static_cast<const T*>(p.input);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* residual_out = static_cast<T*>(p.residual_out);
+  T* out = static_cast<T*>(p.out);
+
+  const bool stream =
+      detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)) * (residual ? 2 : 1));
+
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    std::vector<Acc> row_buf(static_cast<size_t>(padded));
+    Acc* buf = row_buf.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = input + r * p.input_row_stride;
+      const T* res = residual ? residual + r * p.residual_row_stride : nullptr;
+      T* ro = residual ? residual_out + r * cols : nullptr;
+      T* y = out + r * cols;
+      const bool nt_ro = stream && res && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
+
+      // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
+      // row buffer and to the sum (see row_mean, which must match this order for fp64).
+      const Acc k = static_cast<Acc>(x[0]) + (res ? static_cast<Acc>(res[0]) : Acc(0));
+      const AVec kv(k);
+      AVec s0(0), s1(0), a, b, ra, rb;
+      int64_t c = 0;
+      for (; c < full; c += K) {
+        B::load(x + c, a, b);
+        if (res) {
+          B::load(res + c, ra, rb);
+          a = a + ra;
+          b = b + rb;
+          if (nt_ro) {
+            B::store_stream(ro + c, a, b);
+          } else {
+            B::store(ro + c, a, b);
+          }
+        }
+        a = a - kv;
+        b = b - kv;
+        a.store(buf + c);
+        b.store(buf + c + L);
+        s0 = s0 + a;
+        s1 = s1 + b;
+      }
+      if (tail) {
+        B::load(x + c, tail, a, b);
+        if (res) {
+          B::load(res + c, tail, ra, rb);
+          a = a + ra;
+          b = b + rb;
+          B::store(ro + c, tail, a, b);
+        }
+        a = a - kv;
+        b = b - kv;
+        B::keep_first(tail, a, b);
+        a.store(buf + c);
+        b.store(buf + c + L);
+        s0 = s0 + a;
+        s1 = s1 + b;
+      }
+      // The buffer holds s - k; deviations from the mean are taken as (s - k) - (mean - k), so
+      // the fp32 rounding of a large mean never enters them.
+      const Acc shifted_mean = hsum(s0 + s1) / static_cast<Acc>(cols);
+      const Acc mean = k + shifted_mean;
+
+      // Variance from squared deviations of the hot buffer.
+      const AVec m(shifted_mean);
+      AVec q0(0), q1(0);
+      for (c = 0; c < full; c += K) {
+        const AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
+      }
+      if (tail) {
+        AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
+        B::keep_first(tail, d0, d1);  // the padding lanes hold 0, not the mean
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
+      }
+      const Acc var = hsum(q0 + q1) * inv_n;
+      const Acc rstd = Acc(1) / std::sqrt(var + eps);
+
+      // out = (s - mean) * rstd * w + b, written once.
+      const AVec rs(rstd);
+      for (c = 0; c < full; c += K) {
+        a = at::vec::fmadd((AVec::loadu(buf + c) - m) * rs, AVec::loadu(w + c), AVec::loadu(bb + c));
+        b = at::vec::fmadd((AVec::loadu(buf + c + L) - m) * rs, AVec::loadu(w + c + L),
+                           AVec::loadu(bb + c + L));
+        if (nt_y) {
+          B::store_stream(y + c, a, b);
+        } else {
+          B::store(y + c, a, b);
+        }
+      }
+      if (tail) {
+        a = at::vec::fmadd((AVec::loadu(buf + c) - m) * rs, AVec::loadu(w + c), AVec::loadu(bb + c));
+        b = at::vec::fmadd((AVec::loadu(buf + c + L) - m) * rs, AVec::loadu(w + c + L),
+                           AVec::loadu(bb + c + L));
+        B::store(y + c, tail, a, b);
+      }
+      p.mean[r] = static_cast<float>(mean);
+      p.rstd[r] = static_cast<float>(rstd);
+    }
+    if (stream) detail::streaming_fence();
+  });
+}
+
+template <typename T>
+void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
+  using B = Block<T>;
+  using Acc = typename B::Acc;
+  using AVec = typename B::AVec;
+  constexpr int64_t L = B::kLanes, K = B::kSize;
+  const int64_t rows = p.rows, cols = p.cols;
+  if (rows <= 0 || cols <= 0) return;
+  const int64_t padded = detail::round_up(cols, K);
+  const auto weight = detail::column_param<Acc>(p.weight, cols, padded, Acc(1));
+  const Acc* w = weight.data();
+  const int64_t full = cols - cols % K;
+  const int64_t tail = cols - full;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(cols);
+
+  const T* grad_out = static_cast<const T*>(p.grad_out);
+  const T* grad_res = static_cast<const T*>(p.grad_residual_out);
+  const T* input = static_cast<const T*>(p.input);
+  T* grad_input = static_cast<T*>(p.grad_input);
+  const bool want_gw = p.grad_weight != nullptr, want_gb = p.grad_bias != nullptr;
+  const bool stream = detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)));
+
+  // Rows r0..r1; when pw / pb are given, adds g * xhat and g to them (padded-length partial rows).
+  // xbuf and abuf are per-thread row buffers for xhat and a = g * w.
+  auto do_rows = [&](int64_t r0, int64_t r1, Acc* pw, Acc* pb, Acc* xbuf, Acc* abuf) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = grad_out + r * cols;
+      const T* x = input + r * cols;
+      T* dx = grad_input + r * cols;
+      const bool nt = stream && detail::aligned32(dx);
+      // fp64: recompute the mean in fp64 (the saved one is fp32), exactly as the forward did, so
+      // xhat is as precise as the forward's; rstd only scales the result, its fp32 rounding is
+      // harmless.
+      const Acc mean = std::is_same_v<T, double> ? row_mean(x, cols) : static_cast<Acc>(p.mean[r]);
+      const AVec m(mean), rs(static_cast<Acc>(p.rstd[r]));
+      AVec sa0(0), sa1(0), sx0(0), sx1(0), g0, g1, x0, x1;
+      for (int64_t c = 0; c < padded; c += K) {
+        if (c < full) {
+          B::load(g + c, g0, g1);
+          B::load(x + c, x0, x1);
+        } else {
+          B::load(g + c, tail, g0, g1);  // g = 0 beyond the row: a = 0 and no contribution
+          B::load(x + c, tail, x0, x1);
+        }
+        const AVec xh0 = (x0 - m) * rs, xh1 = (x1 - m) * rs;
+        const AVec a0 = g0 * AVec::loadu(w + c), a1 = g1 * AVec::loadu(w + c + L);
+        sa0 = sa0 + a0;
+        sa1 = sa1 + a1;
+        sx0 = at::vec::fmadd(a0, xh0, sx0);
+        sx1 = at::vec::fmadd(a1, xh1, sx1);
+        xh0.store(xbuf + c);
+        xh1.store(xbuf + c + L);
+        a0.store(abuf + c);
+        a1.store(abuf + c + L);
+        if (pw) {
+          at::vec::fmadd(g0, xh0, AVec::loadu(pw + c)).store(pw + c);
+          at::vec::fmadd(g1, xh1, AVec::loadu(pw + c + L)).store(pw + c + L);
+        }
+        if (pb) {
+          (AVec::loadu(pb + c) + g0).store(pb + c);
+          (AVec::loadu(pb + c + L) + g1).store(pb + c + L);
+        }
+      }
+      const AVec mean_a(hsum(sa0 + sa1) * inv_n), mean_ax(hsum(sx0 + sx1) * inv_n);
+      for (int64_t c = 0; c < padded; c += K) {
+        // rstd * (a - mean(a) - xhat * mean(a * xhat))
+        AVec d0 = rs * (AVec::loadu(abuf + c) - mean_a - AVec::loadu(xbuf + c) * mean_ax);
+        AVec d1 = rs * (AVec::loadu(abuf + c + L) - mean_a - AVec::loadu(xbuf + c + L) * mean_ax);
+        const int64_t n = std::min(K, cols - c);
+        if (grad_res) {
+          AVec r0v, r1v;
+          if (n == K) {
+            B::load(grad_res + r * cols + c, r0v, r1v);
+          } else {
+            B::load(grad_res + r * cols + c, n, r0v, r1v);
+          }
+          d0 = d0 + r0v;
+          d1 = d1 + r1v;
+        }
+        if (n == K) {
+          if (nt) {
+            B::store_stream(dx + c, d0, d1);
+          } else {
+            B::store(dx + c, d0, d1);
+          }
+        } else {
+          B::store(dx + c, n, d0, d1);
+        }
+      }
+    }
+    if (stream) detail::streaming_fence();
+  };
+
+  if (!want_gw && !want_gb) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      std::vector<Acc> bufs(static_cast<size_t>(2 * padded));
+      do_rows(r0, r1, nullptr, nullptr, bufs.data(), bufs.data() + padded);
+    });
+    return;
+  }
+
+  // Partial rows per row block: [grad_weight partial | grad_bias partial], each `padded` long.
+  const auto rb = detail::RowBlocks::make(rows, 2 * padded);
+  const int64_t stride = 2 * padded;
+  std::vector<Acc> partial(static_cast<size_t>(rb.count * stride));
+  at::parallel_for(0, rb.count, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Acc> bufs(static_cast<size_t>(2 * padded));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      Acc* pw = partial.data() + blk * stride;
+      Acc* pb = pw + padded;
+      std::fill(pw, pw + stride, Acc(0));
+      const int64_t r0 = blk * rb.rows_per_block, r1 = std::min(rows, r0 + rb.rows_per_block);
+      do_rows(r0, r1, want_gw ? pw : nullptr, want_gb ? pb : nullptr, bufs.data(), bufs.data() + padded);
+    }
+  });
+  detail::combine_partials(partial.data(), rb.count, stride, cols, p.grad_weight);
+  detail::combine_partials(partial.data() + padded, rb.count, stride, cols, p.grad_bias);
+}
+
+}  // namespace
+
+void layer_norm_fwd(const LayerNormParams& params) {
+  switch (params.dtype) {
+    case DType::kFloat32: return layer_norm_fwd_impl<float>(params);
+    case DType::kFloat64: return layer_norm_fwd_impl<double>(params);
+    case DType::kBFloat16: return layer_norm_fwd_impl<c10::BFloat16>(params);
+    case DType::kFloat16: return layer_norm_fwd_impl<c10::Half>(params);
+    default: TORCH_CHECK_TYPE(false, "tx_kernels: layer_norm: unsupported dtype");
+  }
+}
+
+void layer_norm_bwd(const LayerNormBwdParams& params) {
+  switch (params.dtype) {
+    case DType::kFloat32: return layer_norm_bwd_impl<float>(params);
+    case DType::kFloat64: return layer_norm_bwd_impl<double>(params);
+    case DType::kBFloat16: return layer_norm_bwd_impl<c10::BFloat16>(params);
+    case DType::kFloat16: return layer_norm_bwd_impl<c10::Half>(params);
+    default: TORCH_CHECK_TYPE(false, "tx_kernels: layer_norm backward: unsupported dtype");
+  }
+}
+
+}  // namespace tx_kernels::cpu

@@ -1,0 +1,320 @@
+"""tx_kernels layer_norm / add_layer_norm (forward and backward) against float64 references.
+
+The references are tx_kernels/reference.py (textbook formulas, differentiated by torch autograd in
+float64); low precision is judged against stock torch at the same precision (FlashAttention's rule).
+"""
+import ctypes
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tx_kernels.functional as TF
+from tx_kernels import reference as R
+from tx_kernels.ops import ops
+
+from conftest import assert_within_torch_error, devices, max_abs_err, rel_err
+
+HIDDEN = [1, 7, 31, 768, 1023]
+
+
+# ----------------------------------------------------------------------------------------------
+# Poisoned outputs: c10's CPU allocator can fill every new allocation with a junk pattern (NaN as
+# fp32, ~1.7e308 as fp64); with it on, an output element the kernel fails to write shows up as a
+# huge error against the reference.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def poison():
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
+    old = flag.value
+    flag.value = True
+    assert torch.empty(4).isnan().all(), "junk fill did not take effect"
+    yield
+    flag.value = old
+
+
+def _params(d, dtype, device, weight=True, bias=True):
+    w = (torch.randn(d, dtype=dtype, device=device) * 0.5 + 1.0) if weight else None
+    b = torch.randn(d, dtype=dtype, device=device) * 0.1 if bias else None
+    return w, b
+
+
+def _d(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def _ln_ref_and_ours(x, r, w, b, shape, eps=1e-5):
+    """(ours, ref) outputs: (out, residual_out) when r is given, else out; ref in float64."""
+    nd = len(shape)
+    if r is None:
+        return TF.layer_norm(x, shape, w, b, eps), R.layer_norm(_d(x), _d(w), _d(b), eps, nd)
+    return TF.add_layer_norm(x, r, shape, w, b, eps), R.add_layer_norm(_d(x), _d(r), _d(w), _d(b), eps, nd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", HIDDEN)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_matches_reference(device, dtype, d, residual, affine, poison):
+    x = torch.randn(3, 37, d, dtype=dtype, device=device) * 2 + 0.5
+    r = torch.randn_like(x) if residual else None
+    w, b = _params(d, dtype, device, affine, affine)
+    ours, ref = _ln_ref_and_ours(x, r, w, b, (d,))
+    if residual:
+        (out, res_out), (out_ref, res_ref) = ours, ref
+        assert rel_err(res_out, res_ref) < 1e-6
+        assert res_out.dtype == dtype and res_out.shape == x.shape
+    else:
+        out, out_ref = ours, ref
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, out_ref) < 1e-5, rel_err(out, out_ref)
+
+
+def test_forward_stats_saved(poison):
+    x = torch.randn(5, 11, 96)
+    out, mean, rstd = ops.layer_norm_fwd(x, None, None, 1, 1e-5)
+    xd = x.double()
+    assert mean.shape == (55,) and rstd.shape == (55,) and mean.dtype == torch.float32
+    assert max_abs_err(mean, xd.mean(-1).flatten()) < 1e-6
+    assert rel_err(rstd, (xd.var(-1, unbiased=False) + 1e-5).rsqrt().flatten()) < 1e-6
+
+
+def test_large_mean_is_accurate():
+    # |mean| >> std: a single-pass E[x^2] - E[x]^2 would lose everything; we must also beat torch.
+    x = torch.randn(64, 768) * 0.5 + 1000.0
+    ref = R.layer_norm(x.double())
+    ours = TF.layer_norm(x, (768,))
+    assert rel_err(ours, ref) < 1e-5
+    assert_within_torch_error(ours, F.layer_norm(x, (768,)), ref, name="offset")
+
+
+@pytest.mark.parametrize("shape,normalized", [((4, 6, 5, 7), (5, 7)), ((3, 2, 3, 4), (2, 3, 4)), ((9, 13), (9, 13))])
+def test_multi_dim_normalized_shape(shape, normalized, poison):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(normalized, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(normalized, dtype=torch.float64, requires_grad=True)
+    out, res = TF.add_layer_norm(x, r, normalized, w, b)
+    out_ref, res_ref = R.add_layer_norm(x, r, w, b, normalized_ndim=len(normalized))
+    # weight and bias travel as fp32 inside the op (params.h): ~1e-7 relative error, not 1e-15.
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(res, res_ref) < 1e-12
+    g, gr = torch.randn_like(out), torch.randn_like(out)
+    grads = torch.autograd.grad((out, res), (x, r, w, b), (g, gr))
+    grads_ref = torch.autograd.grad((out_ref, res_ref), (x, r, w, b), (g, gr))
+    for name, a, e in zip("xrwb", grads, grads_ref):
+        assert a.shape == e.shape
+        assert rel_err(a, e) < 1e-6, name
+
+
+def test_empty_rows():
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    out = TF.layer_norm(x, (16,), w)
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", HIDDEN)
+@pytest.mark.parametrize("mode", ["plain", "residual", "residual_both_outputs"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_matches_reference(dtype, d, mode, affine, poison):
+    x = torch.randn(2, 29, d, dtype=dtype, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True) if mode != "plain" else None
+    w, b = _params(d, dtype, "cpu", affine, affine)
+    if affine:
+        w.requires_grad_()
+        b.requires_grad_()
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    leaves_ref = [_d(t) for t in leaves]
+    mp = dict(zip([id(t) for t in leaves], leaves_ref))
+    xr, rr, wr, br = (mp.get(id(t)) if t is not None else None for t in (x, r, w, b))
+    g = torch.randn(x.shape, dtype=dtype)
+    if mode == "plain":
+        out = TF.layer_norm(x, (d,), w, b)
+        out_ref = R.layer_norm(xr, wr, br)
+        outs, outs_ref, gs = (out,), (out_ref,), (g,)
+    else:
+        out, res = TF.add_layer_norm(x, r, (d,), w, b)
+        out_ref, res_ref = R.add_layer_norm(xr, rr, wr, br)
+        if mode == "residual":
+            outs, outs_ref, gs = (out,), (out_ref,), (g,)
+        else:
+            g2 = torch.randn(x.shape, dtype=dtype)
+            outs, outs_ref, gs = (out, res), (out_ref, res_ref), (g, g2)
+    grads = torch.autograd.grad(outs, leaves, gs)
+    grads_ref = torch.autograd.grad(outs_ref, leaves_ref, [t.double() for t in gs])
+    for t, a, e in zip(leaves, grads, grads_ref):
+        assert a.dtype == t.dtype and a.shape == t.shape
+        # d = 1: the normalized value is identically 0 and grad_input is 0 (up to rounding).
+        tol = 1e-4 if d > 1 else 1e-6
+        err = rel_err(a, e) if d > 1 else max_abs_err(a, e)
+        assert err < tol, (err, a.shape)
+
+
+def test_gradcheck_fp64():
+    # Weight and bias reach the kernel as fp32 (params.h), so a finite-difference step of 1e-6
+    # would be lost to their rounding; 1e-3 keeps both the rounding (~1e-7/1e-3) and the O(h^2)
+    # truncation error far below gradcheck's tolerances.
+    for shape, normalized in (((3, 5), (5,)), ((2, 3, 4), (3, 4)), ((4, 1), (1,))):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(normalized, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(normalized, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *a: TF.layer_norm(a[0], normalized, a[1], a[2]), (x, w, b), eps=1e-3)
+        assert torch.autograd.gradcheck(lambda *a: TF.add_layer_norm(a[0], a[1], normalized, a[2], a[3]),
+                                        (x, r, w, b), eps=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------
+def test_noncontiguous_inputs_same_answer(poison):
+    base = torch.randn(40, 6, 1000)
+    x = base[:, :, 100:868]                     # strided rows, used in place (row stride 1000)
+    r = torch.randn(6, 40, 768).transpose(0, 1)  # rows not uniformly strided: copied by the binding
+    w, b = _params(768, torch.float32, "cpu")
+    out, res = TF.add_layer_norm(x, r, (768,), w, b)
+    out_c, res_c = TF.add_layer_norm(x.contiguous(), r.contiguous(), (768,), w, b)
+    assert torch.equal(out, out_c) and torch.equal(res, res_c)
+    assert out.is_contiguous()
+    # Non-unit last-dim stride and a strided weight.
+    x2 = torch.randn(30, 64)[:, ::2]
+    w2 = torch.randn(64)[::2]
+    assert torch.equal(TF.layer_norm(x2, (32,), w2), TF.layer_norm(x2.contiguous(), (32,), w2.contiguous()))
+    # Gradients through a strided view.
+    xg = x.detach().clone().requires_grad_()
+    xs = base.clone()[:, :, 100:868].requires_grad_()
+    g = torch.randn(40, 6, 768)
+    (ga,) = torch.autograd.grad(TF.layer_norm(xg, (768,), w, b), (xg,), g)
+    (gb,) = torch.autograd.grad(TF.layer_norm(xs.contiguous(), (768,), w, b), (xs,), g)
+    assert torch.equal(ga, gb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Low precision: at most 2x stock torch's error against the same float64 reference
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [7, 768, 1023])
+def test_low_precision_within_torch_error(dtype, d, poison):
+    x = torch.randn(4, 33, d).to(dtype).requires_grad_()
+    r = torch.randn(4, 33, d).to(dtype).requires_grad_()
+    w = (torch.randn(d) * 0.5 + 1).to(dtype).requires_grad_()
+    b = (torch.randn(d) * 0.1).to(dtype).requires_grad_()
+    g = torch.randn(4, 33, d).to(dtype)
+    leaves = (x, r, w, b)
+
+    out, res = TF.add_layer_norm(x, r, (d,), w, b)
+    ours = torch.autograd.grad(out, leaves, g)
+    out_t = F.layer_norm(x + r, (d,), w, b)
+    theirs = torch.autograd.grad(out_t, leaves, g)
+    leaves_ref = [t.detach().double().requires_grad_() for t in leaves]
+    out_ref, res_ref = R.add_layer_norm(*leaves_ref)
+    refs = torch.autograd.grad(out_ref, leaves_ref, g.double())
+
+    assert out.dtype == dtype
+    assert_within_torch_error(out, out_t, out_ref, name="out")
+    assert_within_torch_error(res, (x + r), res_ref, name="residual_out")
+    for name, a, t, e in zip(("input", "residual", "weight", "bias"), ours, theirs, refs):
+        assert a.dtype == dtype
+        assert_within_torch_error(a, t, e, atol=1e-3 * e.abs().max().item(), name=f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism of the weight/bias reductions
+# ----------------------------------------------------------------------------------------------
+def test_param_grads_deterministic_across_runs_and_threads():
+    x = torch.randn(1000, 257)
+    w, b = torch.randn(257), torch.randn(257)
+    out, mean, rstd = ops.layer_norm_fwd(x, w, b, 1, 1e-5)
+    g = torch.randn_like(x)
+    first = ops.layer_norm_bwd(g, None, x, mean, rstd, w, b, 1)
+    n = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.layer_norm_bwd(g, None, x, mean, rstd, w, b, 1))
+    finally:
+        torch.set_num_threads(n)
+    for res in results:
+        for a, e in zip(res, first):
+            assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Operator registration: opcheck (schema, fake kernels, autograd registration) and torch.compile
+# ----------------------------------------------------------------------------------------------
+def test_opcheck():
+    x = torch.randn(6, 5, 12, requires_grad=True)
+    r = torch.randn(6, 5, 12, requires_grad=True)
+    w = torch.randn(12, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    torch.library.opcheck(ops.layer_norm_fwd, (x, w, b, 1, 1e-5))
+    torch.library.opcheck(ops.layer_norm_fwd, (x, None, None, 2, 1e-5))
+    torch.library.opcheck(ops.add_layer_norm_fwd, (x, r, w, b, 1, 1e-5))
+    s = (x + r).detach()
+    _, mean, rstd = ops.layer_norm_fwd(s, w.detach(), b.detach(), 1, 1e-5)
+    g = torch.randn_like(s)
+    torch.library.opcheck(ops.layer_norm_bwd, (g, None, s, mean, rstd, w.detach(), b.detach(), 1))
+    torch.library.opcheck(ops.layer_norm_bwd, (g, g.clone(), s, mean, rstd, None, None, 1))
+
+
+def test_torch_compile_fullgraph():
+    def f(x, r, w, b):
+        out, res = TF.add_layer_norm(x, r, (16,), w, b)
+        return TF.layer_norm(out * 2 + res, (16,), w, None)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16, requires_grad=True),
+            torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    out = compiled(*args)
+    expected = f(*args)
+    assert torch.allclose(out, expected, atol=1e-6)
+    g = torch.randn_like(out)
+    assert all(torch.allclose(a, e, atol=1e-5) for a, e in
+               zip(torch.autograd.grad(out, args, g), torch.autograd.grad(expected, args, g)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs raise exceptions that name the argument
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="input"):
+        TF.layer_norm(torch.ones(4, 8, dtype=torch.int32), (8,))
+    with pytest.raises(ValueError, match="residual"):
+        TF.add_layer_norm(x, torch.randn(4, 7), (8,))
+    with pytest.raises(TypeError, match="residual"):
+        TF.add_layer_norm(x, torch.randn(4, 8, dtype=torch.float64), (8,))
+    with pytest.raises(ValueError, match="weight"):
+        TF.layer_norm(x, (8,), torch.randn(7))
+    with pytest.raises(ValueError, match="bias"):
+        TF.layer_norm(x, (8,), None, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        TF.layer_norm(x, (4,))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        TF.layer_norm(x, (2, 4, 8))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        ops.layer_norm_fwd(x, None, None, 3, 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        TF.layer_norm(x, (8,), eps=-1.0)
+    with pytest.raises(TypeError, match="input"):
+        TF.layer_norm([1.0, 2.0], (2,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight"):
+        TF.layer_norm(x, (8,), torch.randn(8, device="cuda"))
