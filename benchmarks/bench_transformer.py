@@ -103,7 +103,8 @@ def _gpt2_cases(device, quick, compile_hf):
         torch.manual_seed(0)
         hf_cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                          eos_token_id=None, pad_token_id=0, **cfg)
-        hf = transformers.GPT2LMHeadModel(hf_cfg, attn_implementation="sdpa").to(device)
+        hf_cfg._attn_implementation = "sdpa"
+        hf = transformers.GPT2LMHeadModel(hf_cfg).to(device)
         return hf, GPT2LMHeadModel.from_hf(hf).to(device)
 
     providers = [("tx_kernels", 1), ("hf_sdpa", 0)]
