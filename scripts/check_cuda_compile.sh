@@ -60,7 +60,7 @@ for f in "${FILES[@]}"; do
   ' "$log" | c++filt | sed -E 's/tx_kernels::\(anonymous namespace\):://g; s/\(tx_kernels::[A-Za-z]+Params( const)?[^)]*\)//; s/void //' \
     > "$TMP/$name.table"
   sed 's/^/      /' "$TMP/$name.table"
-  spills=$(awk '{ if ($7 != "0/0") n++ } END { print n + 0 }' "$TMP/$name.table")
+  spills=$(awk '{ if ($8 != "0/0") n++ } END { print n + 0 }' "$TMP/$name.table")
   [[ "$spills" -gt 0 ]] && echo "      note: $spills kernel(s) spill registers (see spill st/ld above)"
 done
 
@@ -71,7 +71,8 @@ if [[ "${TX_CHECK_BINDING:-1}" == "1" ]] && python -c "import torch.utils.cpp_ex
   echo '#define C10_CUDA_BUILD_SHARED_LIBS' >"$TMP/stub/c10/cuda/impl/cuda_cmake_macros.h"
   INC=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
   PYINC=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-  CUDA_INC="$(dirname "$(dirname "$NVCC")")/include"
+  CUDA_INC="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}/include"
+  [[ -f "$CUDA_INC/cuda_runtime.h" ]] || CUDA_INC=/usr/local/cuda/include
   for f in "$ROOT"/csrc/binding/cuda_*.cpp; do
     [[ -e "$f" ]] || continue
     # shellcheck disable=SC2086

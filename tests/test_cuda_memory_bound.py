@@ -305,7 +305,7 @@ def philox_keep_mask(seed, offset, numel, p):
 
 @pytest.mark.parametrize("rows,cols", [(37, 768), (5, 1023), (64, 7)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dropout_mask_matches_philox_and_cpu(rows, cols, dtype):
+def test_dropout_mask_matches_philox(rows, cols, dtype):
     p = 0.3
     rng = torch.tensor([0x1234_5678_9ABC_DEF0 - 2**63, 977], dtype=torch.int64)
     # Positive inputs through ReLU: an output is 0 exactly where the element was dropped.
@@ -325,11 +325,19 @@ def test_dropout_mask_matches_philox_and_cpu(rows, cols, dtype):
     gi, _ = ops.bias_act_bwd(g, x, None, "relu", float(p), rng)
     assert torch.equal((gi != 0).cpu() | (g == 0).cpu(), kept | (g == 0).cpu())
 
+
+
+@pytest.mark.parametrize("rows,cols", [(37, 768), (5, 1023)])
+def test_dropout_mask_matches_cpu_kernel(rows, cols):
+    p = 0.3
+    rng = torch.tensor([-77, 2**40 + 3], dtype=torch.int64)
+    x = torch.rand(rows, cols, device="cuda") + 0.5
+    kept_cuda = (ops.bias_act_fwd(x, None, "relu", p, rng) != 0).cpu()
     try:
-        out_cpu = ops.bias_act_fwd(x.cpu(), None, "relu", float(p), rng)
+        out_cpu = ops.bias_act_fwd(x.cpu(), None, "relu", p, rng)
     except RuntimeError as e:  # the CPU kernel may not be built in this checkout
         pytest.skip(f"CPU bias_act kernel unavailable for the cross-device check: {e}")
-    assert torch.equal((out_cpu != 0), kept), "CUDA and CPU dropout masks differ"
+    assert torch.equal(out_cpu != 0, kept_cuda), "CUDA and CPU dropout masks differ"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,15 @@
 #include "../kernels/launchers.h"
 #include "prepare.h"
 
+// Declared weak before any use (a weak definition after the first call is unspecified).
+namespace tx_kernels {
+// Weak stand-in so this branch links before csrc/kernels/attention_fwd.cu (another branch) is
+// merged; the real, strong definition replaces it at link time. TODO: delete after the merge.
+__attribute__((weak)) cudaError_t attention_fwd_cuda(const AttentionParams&, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+}  // namespace tx_kernels
+
 namespace tx_kernels::binding {
 namespace {
 
@@ -174,18 +183,6 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda_op(const at::Tensor& grad_o
 }
 
 }  // namespace
-
-}  // namespace tx_kernels::binding
-
-namespace tx_kernels {
-// Weak stand-in so this branch links before csrc/kernels/attention_fwd.cu (another branch) is
-// merged; the real, strong definition replaces it at link time. TODO: delete after the merge.
-__attribute__((weak)) cudaError_t attention_fwd_cuda(const AttentionParams&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-}  // namespace tx_kernels
-
-namespace tx_kernels::binding {
 
 TORCH_LIBRARY_IMPL(tx_kernels, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda_op);

@@ -14,9 +14,9 @@
 //   The normalization uses the fp32 sum, not its rounded copy: one rounding fewer than computing
 //   x + r in the data type first (what torch's unfused x + r; layer_norm does).
 //   Memory traffic is the minimum: input and residual read once, out and residual_out written
-//   once. A row that does not fit in registers (more than 32 values per thread at 512 threads,
-//   e.g. > 16384 fp32 columns, or odd sizes past 8192) takes a block-per-row fallback that
-//   re-reads the row from global memory (L2) three times.
+//   once. A row that does not fit in registers (more than 32 values per thread at 512 threads:
+//   > 16384 columns on the 16-byte path, > 8192 on the scalar one) takes a block-per-row
+//   fallback that re-reads the row from global memory (L2) three times.
 //
 // Backward (g = dy * w, xhat = (x - mean) * rstd, with mean/rstd saved by the forward):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_residual_out)
@@ -26,8 +26,10 @@
 //   rows its group visits. Each CTA then writes one partial row of dw and of db to the workspace
 //   (row groups of one CTA are summed first, in group order, through shared memory), and a
 //   second kernel sums the partials of every column in a fixed order. No atomics anywhere, so
-//   the gradients are bit-identical from run to run. Rows too long for the register path use a
-//   block-per-row dx kernel plus a column-sum kernel for the partials.
+//   the gradients are bit-identical from run to run (for a given GPU: the grid follows num_sms).
+//   Rows too long for the register path (> 8192 columns on the 16-byte path, > 4096 on the
+//   scalar one) use a block-per-row dx kernel plus a column-sum kernel for the partials, which
+//   reads input and grad_out a second time.
 #include <cstddef>
 #include <cstdint>
 
