@@ -51,12 +51,22 @@ def extension():
     sources += _rel("csrc/binding/cpu_ops.cpp") + _rel("csrc/cpu/*.cpp")
     kwargs = dict(extra_link_args=["-fopenmp"])
     if use_cuda:
-        sources += _rel("csrc/binding/cuda_ops.cpp") + _rel("csrc/kernels/*.cu")
+        sources += _rel("csrc/binding/cuda_*.cpp") + _rel("csrc/kernels/*.cu")
+        # Target GPUs come from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"; unset: the visible GPUs),
+        # which BuildExtension turns into -gencode flags. It adds none as soon as any flag here
+        # mentions an architecture, so these flags never do; extra targets go through the list.
+        # TX_KERNELS_SM90A=1 adds sm_90a (wgmma / setmaxnreg need it) and defines
+        # TX_KERNELS_SM90A so a kernel can compile such a path only there.
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
-                "-Xptxas=-warn-spills"]
+                "-Xptxas=-warn-spills", "-DTX_KERNELS_WITH_CUDA"]
+        if os.environ.get("TX_KERNELS_SM90A", "0") == "1":
+            arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
+            if "9.0a" not in arch_list.replace(" ", ";").split(";"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list + ";9.0a"
+            nvcc.append("-DTX_KERNELS_SM90A")
         return cpp_extension.CUDAExtension(
-            "tx_kernels._C", sources, extra_compile_args={"cxx": cxx + ["-DTX_KERNELS_WITH_CUDA"], "nvcc": nvcc},
-            **kwargs)
+            "tx_kernels._C", sources,
+            extra_compile_args={"cxx": cxx + ["-DTX_KERNELS_WITH_CUDA"], "nvcc": nvcc}, **kwargs)
     return cpp_extension.CppExtension("tx_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
