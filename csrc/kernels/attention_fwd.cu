@@ -4,15 +4,19 @@
 //
 // Three kernels:
 //
-// 1. attention_fwd_fast_kernel<T, D, kBlockM, kBlockN, kFeatures>  (fp16 / bf16, E == Ev)
-//    One thread block per (query tile of kBlockM rows, key split, head, batch); kBlockM / 16 warps,
-//    each warp owns 16 query rows (one m16 MMA row tile). Shared memory holds the Q tile and two
-//    stages of K and V tiles (kBlockN rows each), rows padded to D + 8 elements so that the 8 row
-//    addresses of every ldmatrix phase (and every cp.async 128-byte phase) fall in distinct banks:
-//    a row is 2D + 16 bytes, i.e. 4 banks (mod 32) further than the previous one.
+// 1. attention_fwd_fast_kernel<T, D, kBlockM, kBlockN, kMTiles, kFeatures>  (fp16 / bf16, E == Ev)
+//    One thread block per (query tile of kBlockM rows, key split, head, batch); each warp owns
+//    16 * kMTiles consecutive query rows (kMTiles m16 MMA row tiles; 2 for D <= 128, so that every
+//    K / V fragment read from shared memory feeds two MMAs per m-tile pair: with one m-tile per
+//    warp the ldmatrix traffic, 512 B per 2 MMAs, would exceed the MMA rate on H100).
+//    Shared memory holds the Q tile and two stages of K and V tiles (kBlockN rows each), rows
+//    padded to D + 8 elements so that the 8 row addresses of every ldmatrix phase (and every
+//    cp.async 128-byte phase) fall in distinct banks: a row is 2D + 16 bytes, i.e. 4 banks
+//    (mod 32) further than the previous one.
 //    Pipeline per key tile t (one cp.async group per tile = K_t + V_t):
 //        issue cp.async K_{t+1}, V_{t+1} into the other stage; wait for tile t; __syncthreads
-//        S = Q K_t^T        mma.sync m16n8k16, A = Q (ldmatrix, kept in registers for D <= 128),
+//        S = Q K_t^T        mma.sync m16n8k16, A = Q (ldmatrix; kept in registers when
+//                           kMTiles * D <= 128, re-read from shared memory otherwise),
 //                           B = K rows (ldmatrix, non-transposed: K is already "col-major B")
 //        scale (log2 e folded in), bounds / causal / mask / dropout on the fp32 scores
 //        online softmax: running max m and partial row sum l in fp32 registers, exp2f
@@ -31,13 +35,21 @@
 //    16-byte stores (rows >= L skipped); lse = m ln 2 + ln l; l == 0 (fully masked row) gives
 //    out = 0 and lse = -inf.
 //
-//    Configurations (smem = (kBlockM + 4 kBlockN) (D + 8) * 2 bytes):
-//       D    kBlockM  kBlockN  warps  smem
-//       32     128      64       8    30720
-//       64     128      64       8    55296  (> 48 KB: cudaFuncSetAttribute)
-//       96     128      64       8    79872
-//      128     128      64       8   104448
-//      256      64      32       4   101376
+//    Configurations (smem = (kBlockM + 4 kBlockN) (D + 8) * 2 bytes; registers from ptxas
+//    -Xptxas -v for sm_90, plain / with mask+dropout, no spills; 4 warps = 128 threads, so up to
+//    255 registers still allow 2 blocks per SM):
+//       D    kBlockM  kBlockN  kMTiles  warps  smem     regs (sm_90)
+//       32     128      64        2       4    30720    204 / 224
+//       64     128      64        2       4    55296    247 / 252   (> 48 KB: cudaFuncSetAttribute)
+//       96     128      32        2       4    53248    218 / 238
+//      128     128      32        2       4    69632    249 / 242
+//      256      64      32        1       4   101376    241 / 252
+//    (D = 96 and 128 with kBlockN = 64 spilled 32-96 bytes: 2 x 16 rows x 64 keys of fp32 scores
+//    plus 2 x 16 x D fp32 accumulators do not fit next to everything else.)
+//
+//    Tuning knobs (untimed so far): FastTraits<D> (kBlockM, kBlockN, kMTiles: kMTiles = 1 is the
+//    conservative fallback), the split heuristic in make_plan, and splitting the one cp.async group
+//    per tile into K and V groups so that Q K^T starts before V has landed.
 //
 // 2. Split-KV (decode: L <= 64 and too few blocks to fill the SMs): the same fast kernel, but
 //    blockIdx also selects a contiguous range of key tiles; each block writes its normalized
@@ -146,11 +158,14 @@ __device__ __forceinline__ void dropout_pair(const FwdArgs& a, uint64_t idx, boo
 // ---------------------------------------------------------------------------------------------
 template <int D>
 struct FastTraits;
-template <> struct FastTraits<32> { static constexpr int kBlockM = 128, kBlockN = 64; };
-template <> struct FastTraits<64> { static constexpr int kBlockM = 128, kBlockN = 64; };
-template <> struct FastTraits<96> { static constexpr int kBlockM = 128, kBlockN = 64; };
-template <> struct FastTraits<128> { static constexpr int kBlockM = 128, kBlockN = 64; };
-template <> struct FastTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32; };
+// kMTiles: m16 tiles per warp (rows per warp = 16 kMTiles). 2 halves the shared-memory reads per
+// MMA (each K / V fragment feeds two MMAs per m-tile pair) at the cost of twice the accumulators;
+// setting it to 1 (8 warps for kBlockM = 128) is the low-register fallback.
+template <> struct FastTraits<32> { static constexpr int kBlockM = 128, kBlockN = 64, kMTiles = 2; };
+template <> struct FastTraits<64> { static constexpr int kBlockM = 128, kBlockN = 64, kMTiles = 2; };
+template <> struct FastTraits<96> { static constexpr int kBlockM = 128, kBlockN = 32, kMTiles = 2; };
+template <> struct FastTraits<128> { static constexpr int kBlockM = 128, kBlockN = 32, kMTiles = 2; };
+template <> struct FastTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kMTiles = 1; };
 
 template <int D>
 constexpr size_t fast_smem_bytes() {
@@ -160,37 +175,47 @@ constexpr size_t fast_smem_bytes() {
 // Issues cp.async copies of rows [row0, row0 + kRows) x cols [0, D) of a row-major global matrix
 // (row stride `row_stride` elements, `nrows` valid rows, `ncols` valid columns, ncols % 8 == 0)
 // into a padded shared tile of row stride D + 8. Invalid chunks are zero-filled.
+// Thread tid always copies the 16-byte column chunk tid % (D / 8) of rows tid / (D / 8) + it *
+// kRowsPerIter, so it needs one column offset and one row stride step, not one 64-bit address per
+// chunk (those would stay live across the main loop and cost registers). When D / 8 does not
+// divide the thread count (D = 96), the last few threads idle.
 template <int kRows, int D, int kNThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t row_stride, int64_t row0,
                                                 int64_t nrows, int64_t ncols, int tid) {
   constexpr int kChunksPerRow = D / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  constexpr int kIters = (kChunks + kNThreads - 1) / kNThreads;
+  constexpr int kRowsPerIter = kNThreads / kChunksPerRow;
+  static_assert(kRowsPerIter > 0, "tile loader needs at least one row per pass");
+  constexpr int kIters = (kRows + kRowsPerIter - 1) / kRowsPerIter;
+  const int r0 = tid / kChunksPerRow;
+  const int col = (tid % kChunksPerRow) * 8;
+  if (r0 >= kRowsPerIter) return;
+  const bool col_ok = col < ncols;
+  const T* src_row = g + (row0 + r0) * row_stride + col;
+  const int64_t step = static_cast<int64_t>(kRowsPerIter) * row_stride;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int c = tid + it * kNThreads;
-    if (kChunks % kNThreads == 0 || c < kChunks) {
-      const int r = c / kChunksPerRow;
-      const int col = (c % kChunksPerRow) * 8;
-      const int64_t gr = row0 + r;
-      const bool valid = gr < nrows && col < ncols;
-      const T* src = valid ? g + gr * row_stride + col : g;
-      cp_async_16(s + r * (D + 8) + col, src, valid);
+    const int r = r0 + it * kRowsPerIter;
+    if (kRows % kRowsPerIter == 0 || r < kRows) {
+      const bool valid = col_ok && row0 + r < nrows;
+      cp_async_16(s + r * (D + 8) + col, valid ? src_row + it * step : g, valid);
     }
   }
 }
 
-template <typename T, int D, int kBlockM, int kBlockN, bool kFeatures>
-__global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kernel(const FwdArgs a) {
-  constexpr int kNWarps = kBlockM / 16;
+template <typename T, int D, int kBlockM, int kBlockN, int kMTiles, bool kFeatures>
+__global__ void __launch_bounds__(kBlockM / (16 * kMTiles) * 32, 1)
+    attention_fwd_fast_kernel(const FwdArgs a) {
+  constexpr int kWarpRows = 16 * kMTiles;  // query rows per warp: kMTiles m16 tiles
+  constexpr int kNWarps = kBlockM / kWarpRows;
   constexpr int kNThreads = kNWarps * 32;
   constexpr int kStride = D + 8;    // padded shared row, elements
-  constexpr int kNT = kBlockN / 8;  // n-tiles of S per warp
+  constexpr int kNT = kBlockN / 8;  // n-tiles of S per m-tile
   constexpr int kKT = D / 16;       // k-steps of Q K^T
-  constexpr int kDT = D / 8;        // n-tiles of O
+  constexpr int kDT = D / 8;        // n-tiles of O per m-tile
   constexpr int kPK = kBlockN / 16; // k-steps of P V
-  constexpr bool kQInRegs = D <= 128;
-  static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0 && D % 16 == 0, "tile shapes");
+  // Q fragments cost kMTiles * D / 4 registers; keep them only while that stays small.
+  constexpr bool kQInRegs = kMTiles * D <= 128;
+  static_assert(kBlockM % kWarpRows == 0 && kBlockN % 16 == 0 && D % 16 == 0, "tile shapes");
   constexpr float kInf = __builtin_huge_valf();
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -232,18 +257,31 @@ __global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kerne
     t_end = t_end < causal_tiles ? t_end : causal_tiles;
   }
 
-  const int64_t warp_row0 = m0 + warp * 16;
+  // This warp owns query rows warp_row0 + [0, kWarpRows); m-tile mt covers rows mt*16 + [0, 16).
+  const int64_t warp_row0 = m0 + warp * kWarpRows;
   const bool warp_active = warp_row0 < L;  // warps past the last query row only help load
+  // Fragment coordinates of this lane: rows g and g + 8 of each m-tile, columns c and c + 1.
+  const int g = lane >> 2;
+  const int col_q = (lane & 3) * 2;
 
-  float acc_o[kDT][4];
+  float acc_o[kMTiles][kDT][4];
 #pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.f;
+    for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    }
   }
-  float row_m[2] = {-kInf, -kInf};  // running max (log2 domain) of rows g and g + 8
-  float row_l[2] = {0.f, 0.f};      // this thread's partial row sums (quad-reduced at the end)
-  uint32_t q_frag[kQInRegs ? kKT : 1][4];
+  // Running max (log2 domain) and this thread's partial row sum (quad-reduced at the end) of
+  // rows g (index 0) and g + 8 (index 1) of each m-tile.
+  float row_m[kMTiles][2], row_l[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    row_m[mt][0] = row_m[mt][1] = -kInf;
+    row_l[mt][0] = row_l[mt][1] = 0.f;
+  }
+  uint32_t q_frag[kQInRegs ? kMTiles : 1][kQInRegs ? kKT : 1][4];
 
   if (t_begin < t_end) {
     load_tile_async<kBlockM, D, kNThreads>(sQ, gq, a.q_stride[2], m0, L, a.E, tid);
@@ -252,7 +290,7 @@ __global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kerne
     cp_async_commit();
   }
 
-  const T* sQw = sQ + warp * 16 * kStride;
+  const T* sQw = sQ + warp * kWarpRows * kStride;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int stage = static_cast<int>((t - t_begin) & 1);
     if (t + 1 < t_end) {
@@ -274,115 +312,148 @@ __global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kerne
       if constexpr (kQInRegs) {
         if (t == t_begin) {
 #pragma unroll
-          for (int kk = 0; kk < kKT; ++kk) {
-            ldmatrix_x4(q_frag[kk], sQw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
+          for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+            for (int kk = 0; kk < kKT; ++kk) {
+              ldmatrix_x4(q_frag[mt][kk],
+                          sQw + (mt * 16 + (lane & 15)) * kStride + kk * 16 + (lane >> 4) * 8);
+            }
           }
         }
       }
 
-      // ---- S = Q K^T (16 x kBlockN per warp) ----
-      float acc_s[kNT][4];
+      // ---- S = Q K^T (kWarpRows x kBlockN per warp) ----
+      float acc_s[kMTiles][kNT][4];
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[nt][e] = 0.f;
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+        }
       }
 #pragma unroll
       for (int kk = 0; kk < kKT; ++kk) {
-        uint32_t qa[4];
-        if constexpr (kQInRegs) {
+        uint32_t qa[kMTiles][4];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) qa[r] = q_frag[kk][r];
-        } else {
-          // lanes 0-7: rows 0-7 / cols 0-7 (a0), 8-15: rows 8-15 (a1), 16-31: cols 8-15 (a2, a3)
-          ldmatrix_x4(qa, sQw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          if constexpr (kQInRegs) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) qa[mt][r] = q_frag[mt][kk][r];
+          } else {
+            // lanes 0-7: rows 0-7 / cols 0-7 (a0), 8-15: rows 8-15 (a1), 16-31: cols 8-15 (a2, a3)
+            ldmatrix_x4(qa[mt], sQw + (mt * 16 + (lane & 15)) * kStride + kk * 16 + (lane >> 4) * 8);
+          }
         }
 #pragma unroll
         for (int nt = 0; nt < kNT; nt += 2) {
           // lanes 0-7: keys nt*8+0..7 / d 0-7 (b0 of nt), 8-15: d 8-15 (b1 of nt),
-          // 16-23, 24-31: the same for keys nt*8+8..15 (n-tile nt + 1)
+          // 16-23, 24-31: the same for keys nt*8+8..15 (n-tile nt + 1). Each B fragment feeds
+          // all kMTiles m-tiles: that reuse is what keeps shared-memory traffic below the MMA rate.
           uint32_t kb[4];
           ldmatrix_x4(kb, sKs + (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
                               ((lane >> 3) & 1) * 8);
-          mma_16816<T>(acc_s[nt], qa, kb[0], kb[1]);
-          mma_16816<T>(acc_s[nt + 1], qa, kb[2], kb[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_16816<T>(acc_s[mt][nt], qa[mt], kb[0], kb[1]);
+            mma_16816<T>(acc_s[mt][nt + 1], qa[mt], kb[2], kb[3]);
+          }
         }
       }
 
       // ---- scale, bounds, causal, mask ----
+      // Key j = n0 + jl of this tile is allowed for row i iff jl < lim(i) = min(S, causal ? i + 1
+      // : S) - n0, an int in [.., kBlockN] after clamping: 32-bit compares per element.
       const int64_t n0 = t * kBlockN;
-      const int64_t row_g = warp_row0 + (lane >> 2);  // rows row_g (e = 0, 1) and row_g + 8 (e = 2, 3)
-      const int col_q = (lane & 3) * 2;
       const bool need_bounds = (n0 + kBlockN > S) || (a.causal && n0 + kBlockN - 1 > warp_row0);
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int64_t row_g = warp_row0 + mt * 16 + g;  // rows row_g (e = 0, 1), row_g + 8 (e = 2, 3)
+        int lim[2];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t i = row_g + ((e >> 1) << 3);
-          const int64_t j = n0 + nt * 8 + col_q + (e & 1);
-          float s = acc_s[nt][e] * a.scale_log2;
-          if (need_bounds && (j >= S || (a.causal && j > i))) s = -kInf;
-          if constexpr (kFeatures) {
-            if (a.mask_kind != 0 && s != -kInf && i < L && j < S) {
-              s = fmaf(mask_bias<float>(a, n, h, i, j), kLog2e, s);
+        for (int r = 0; r < 2; ++r) {
+          int64_t end = a.causal ? row_g + r * 8 + 1 : S;
+          end = end < S ? end : S;
+          const int64_t rel = end - n0;
+          lim[r] = rel < 0 ? 0 : (rel > kBlockN ? kBlockN : static_cast<int>(rel));
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int jl = nt * 8 + col_q + (e & 1);
+            float s = acc_s[mt][nt][e] * a.scale_log2;
+            if (need_bounds && jl >= lim[e >> 1]) s = -kInf;
+            if constexpr (kFeatures) {
+              const int64_t i = row_g + ((e >> 1) << 3);
+              const int64_t j = n0 + jl;
+              if (a.mask_kind != 0 && s != -kInf && i < L && j < S) {
+                s = fmaf(mask_bias<float>(a, n, h, i, j), kLog2e, s);
+              }
             }
+            acc_s[mt][nt][e] = s;
           }
-          acc_s[nt][e] = s;
         }
       }
 
       // ---- online softmax ----
-      float mx[2] = {row_m[0], row_m[1]};
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        mx[0] = fmaxf(mx[0], fmaxf(acc_s[nt][0], acc_s[nt][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(acc_s[nt][2], acc_s[nt][3]));
-      }
-      float m_use[2], alpha[2];
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float mx[2] = {row_m[mt][0], row_m[mt][1]};
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = quad_max(mx[r]);
-        // A row with no allowed key so far keeps m = -inf; subtracting 0 instead of -inf keeps
-        // exp2(-inf - m) at 0 instead of NaN.
-        m_use[r] = mx[r] == -kInf ? 0.f : mx[r];
-        alpha[r] = fast_exp2(row_m[r] - m_use[r]);
-        row_m[r] = mx[r];
-      }
-      float rs[2] = {0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = fast_exp2(acc_s[nt][e] - m_use[e >> 1]);
-          acc_s[nt][e] = p;
-          rs[e >> 1] += p;
+        for (int nt = 0; nt < kNT; ++nt) {
+          mx[0] = fmaxf(mx[0], fmaxf(acc_s[mt][nt][0], acc_s[mt][nt][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(acc_s[mt][nt][2], acc_s[mt][nt][3]));
         }
-      }
+        float m_use[2], alpha[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) row_l[r] = row_l[r] * alpha[r] + rs[r];
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = quad_max(mx[r]);
+          // A row with no allowed key so far keeps m = -inf; subtracting 0 instead of -inf
+          // keeps exp2(-inf - m) at 0 instead of NaN.
+          m_use[r] = mx[r] == -kInf ? 0.f : mx[r];
+          alpha[r] = fast_exp2(row_m[mt][r] - m_use[r]);
+          row_m[mt][r] = mx[r];
+        }
+        float rs[2] = {0.f, 0.f};
 #pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        acc_o[dt][0] *= alpha[0];
-        acc_o[dt][1] *= alpha[0];
-        acc_o[dt][2] *= alpha[1];
-        acc_o[dt][3] *= alpha[1];
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float p = fast_exp2(acc_s[mt][nt][e] - m_use[e >> 1]);
+            acc_s[mt][nt][e] = p;
+            rs[e >> 1] += p;
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) row_l[mt][r] = row_l[mt][r] * alpha[r] + rs[r];
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc_o[mt][dt][0] *= alpha[0];
+          acc_o[mt][dt][1] *= alpha[0];
+          acc_o[mt][dt][2] *= alpha[1];
+          acc_o[mt][dt][3] *= alpha[1];
+        }
       }
 
       if constexpr (kFeatures) {
         if (a.dropout) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int64_t i = row_g + r * 8;
-            if (i < L) {
-              const uint64_t row_base = (static_cast<uint64_t>(n * a.H + h) * L + i) * S;
+          for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-              for (int nt = 0; nt < kNT; ++nt) {
-                const int64_t j = n0 + nt * 8 + col_q;
-                if (j < S) {
-                  bool k0, k1;
-                  dropout_pair(a, row_base + j, k0, k1);
-                  acc_s[nt][2 * r] = k0 ? acc_s[nt][2 * r] * a.drop_scale : 0.f;
-                  acc_s[nt][2 * r + 1] = k1 ? acc_s[nt][2 * r + 1] * a.drop_scale : 0.f;
+            for (int r = 0; r < 2; ++r) {
+              const int64_t i = warp_row0 + mt * 16 + g + r * 8;
+              if (i < L) {
+                const uint64_t row_base = (static_cast<uint64_t>(n * a.H + h) * L + i) * S;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) {
+                  const int64_t j = n0 + nt * 8 + col_q;
+                  if (j < S) {
+                    bool k0, k1;
+                    dropout_pair(a, row_base + j, k0, k1);
+                    acc_s[mt][nt][2 * r] = k0 ? acc_s[mt][nt][2 * r] * a.drop_scale : 0.f;
+                    acc_s[mt][nt][2 * r + 1] = k1 ? acc_s[mt][nt][2 * r + 1] * a.drop_scale : 0.f;
+                  }
                 }
               }
             }
@@ -394,19 +465,25 @@ __global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kerne
 #pragma unroll
       for (int kp = 0; kp < kPK; ++kp) {
         // The S accumulators of n-tiles 2kp, 2kp+1 are exactly the A fragment of k-step kp.
-        uint32_t pa[4];
-        pa[0] = TypeTraits<T>::pack2(acc_s[2 * kp][0], acc_s[2 * kp][1]);
-        pa[1] = TypeTraits<T>::pack2(acc_s[2 * kp][2], acc_s[2 * kp][3]);
-        pa[2] = TypeTraits<T>::pack2(acc_s[2 * kp + 1][0], acc_s[2 * kp + 1][1]);
-        pa[3] = TypeTraits<T>::pack2(acc_s[2 * kp + 1][2], acc_s[2 * kp + 1][3]);
+        uint32_t pa[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          pa[mt][0] = TypeTraits<T>::pack2(acc_s[mt][2 * kp][0], acc_s[mt][2 * kp][1]);
+          pa[mt][1] = TypeTraits<T>::pack2(acc_s[mt][2 * kp][2], acc_s[mt][2 * kp][3]);
+          pa[mt][2] = TypeTraits<T>::pack2(acc_s[mt][2 * kp + 1][0], acc_s[mt][2 * kp + 1][1]);
+          pa[mt][3] = TypeTraits<T>::pack2(acc_s[mt][2 * kp + 1][2], acc_s[mt][2 * kp + 1][3]);
+        }
 #pragma unroll
         for (int dt = 0; dt < kDT; dt += 2) {
           // lanes 0-7: keys 0-7 / d dt*8.. (b0 of dt), 8-15: keys 8-15 (b1 of dt),
           // 16-31: the same for d dt*8+8.. (n-tile dt + 1); .trans turns rows into columns.
           uint32_t vb[4];
           ldmatrix_x4_trans(vb, sVs + (kp * 16 + (lane & 15)) * kStride + dt * 8 + (lane >> 4) * 8);
-          mma_16816<T>(acc_o[dt], pa, vb[0], vb[1]);
-          mma_16816<T>(acc_o[dt + 1], pa, vb[2], vb[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_16816<T>(acc_o[mt][dt], pa[mt], vb[0], vb[1]);
+            mma_16816<T>(acc_o[mt][dt + 1], pa[mt], vb[2], vb[3]);
+          }
         }
       }
     }
@@ -414,61 +491,71 @@ __global__ void __launch_bounds__(kBlockM / 16 * 32, 1) attention_fwd_fast_kerne
   }
 
   // ---- epilogue ----
-  float l_tot[2], inv[2], lse_row[2];
+  float inv[kMTiles][2], lse_row[kMTiles][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_tot[r] = quad_sum(row_l[r]);
-    inv[r] = l_tot[r] > 0.f ? 1.f / l_tot[r] : 0.f;
-    lse_row[r] = l_tot[r] > 0.f ? row_m[r] * kLn2 + fast_log(l_tot[r]) : -kInf;
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_l[mt][r]);
+      inv[mt][r] = l > 0.f ? 1.f / l : 0.f;
+      lse_row[mt][r] = l > 0.f ? row_m[mt][r] * kLn2 + fast_log(l) : -kInf;
+    }
   }
-  if (!warp_active) return;  // no barrier follows
-  const int64_t row_g = warp_row0 + (lane >> 2);
-  const int col_q = (lane & 3) * 2;
+  if (!warp_active) return;  // no block-wide barrier follows
   const int64_t bh = n * a.H + h;
 
   if (a.num_splits > 1) {
     // Split-KV partials: normalized fp32 output and lse of this key range.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t i = row_g + r * 8;
-      if (i < L) {
-        const int64_t prow = (static_cast<int64_t>(split) * a.N * a.H + bh) * L + i;
-        float* op = a.o_part + prow * a.Ev;
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          const int col = dt * 8 + col_q;
-          if (col < a.Ev) {
-            *reinterpret_cast<float2*>(op + col) =
-                make_float2(acc_o[dt][2 * r] * inv[r], acc_o[dt][2 * r + 1] * inv[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int64_t i = warp_row0 + mt * 16 + g + r * 8;
+        if (i < L) {
+          const int64_t prow = (static_cast<int64_t>(split) * a.N * a.H + bh) * L + i;
+          float* op = a.o_part + prow * a.Ev;
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            const int col = dt * 8 + col_q;
+            if (col < a.Ev) {
+              *reinterpret_cast<float2*>(op + col) =
+                  make_float2(acc_o[mt][dt][2 * r] * inv[mt][r], acc_o[mt][dt][2 * r + 1] * inv[mt][r]);
+            }
           }
+          if ((lane & 3) == 0) a.lse_part[prow] = lse_row[mt][r];
         }
-        if ((lane & 3) == 0) a.lse_part[prow] = lse_row[r];
       }
     }
     return;
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = row_g + r * 8;
-    if (i < L && (lane & 3) == 0) a.lse[bh * L + i] = lse_row[r];
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = warp_row0 + mt * 16 + g + r * 8;
+      if (i < L && (lane & 3) == 0) a.lse[bh * L + i] = lse_row[mt][r];
+    }
   }
-  // Stage the warp's 16 x D output tile in its own Q rows (only this warp ever read them, and the
-  // loop's last __syncthreads ordered those reads), then store 16-byte chunks.
-  T* sO = sQ + warp * 16 * kStride;
+  // Stage the warp's kWarpRows x D output tile in its own Q rows (only this warp ever read them,
+  // and the loop's last __syncthreads ordered those reads), then store 16-byte chunks.
+  T* sO = sQ + warp * kWarpRows * kStride;
   __syncwarp();
 #pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-    const int col = dt * 8 + col_q;
-    *reinterpret_cast<uint32_t*>(sO + (lane >> 2) * kStride + col) =
-        TypeTraits<T>::pack2(acc_o[dt][0] * inv[0], acc_o[dt][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(sO + ((lane >> 2) + 8) * kStride + col) =
-        TypeTraits<T>::pack2(acc_o[dt][2] * inv[1], acc_o[dt][3] * inv[1]);
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int col = dt * 8 + col_q;
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g) * kStride + col) =
+          TypeTraits<T>::pack2(acc_o[mt][dt][0] * inv[mt][0], acc_o[mt][dt][1] * inv[mt][0]);
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g + 8) * kStride + col) =
+          TypeTraits<T>::pack2(acc_o[mt][dt][2] * inv[mt][1], acc_o[mt][dt][3] * inv[mt][1]);
+    }
   }
   __syncwarp();
   T* go = reinterpret_cast<T*>(a.out) + n * a.out_stride[0] + h * a.out_stride[1];
   constexpr int kChunksPerRow = D / 8;
-  constexpr int kIters = 16 * kChunksPerRow / 32;
+  constexpr int kIters = kWarpRows * kChunksPerRow / 32;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int c = lane + it * 32;
@@ -730,16 +817,22 @@ FwdArgs make_args(const AttentionParams& p) {
 template <typename T, int D, bool kFeatures>
 cudaError_t launch_fast(const FwdArgs& a, const Plan& plan, cudaStream_t stream) {
   constexpr int kBlockM = FastTraits<D>::kBlockM, kBlockN = FastTraits<D>::kBlockN;
+  constexpr int kMTiles = FastTraits<D>::kMTiles;
+  constexpr int kThreads = kBlockM / (16 * kMTiles) * 32;
   constexpr size_t kSmem = fast_smem_bytes<D>();
-  auto kernel = attention_fwd_fast_kernel<T, D, kBlockM, kBlockN, kFeatures>;
+  auto kernel = attention_fwd_fast_kernel<T, D, kBlockM, kBlockN, kMTiles, kFeatures>;
   if (kSmem > 48 * 1024) {
-    const cudaError_t err =
+    cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+    if (err != cudaSuccess) return err;
+    // A hint: prefer the largest shared-memory carveout so that two blocks fit per SM.
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               static_cast<int>(cudaSharedmemCarveoutMaxShared));
     if (err != cudaSuccess) return err;
   }
   const int64_t blocks = static_cast<int64_t>(plan.num_m_blocks) * plan.num_splits * a.N * a.H;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(blocks), kBlockM / 16 * 32, kSmem, stream>>>(a);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(a);
   return cudaGetLastError();
 }
 
