@@ -95,8 +95,13 @@ class Standalone:
         self.lib = build_standalone()
         props = torch.cuda.get_device_properties(0)
         self.num_sms = props.multi_processor_count
-        # The opt-in per-block limit (what the binding must pass), e.g. 227 KB on H100.
-        self.max_smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+        # The opt-in per-block limit (what the binding must pass), e.g. 227 KB on H100. Older
+        # torch lacks the property: use the documented per-arch value rather than 48 KB, which
+        # would silently route most head dims to the general kernel.
+        known = {(9, 0): 232448, (8, 0): 166912, (8, 6): 101376, (8, 9): 101376}
+        self.max_smem = (getattr(props, "shared_memory_per_block_optin", 0)
+                         or known.get(torch.cuda.get_device_capability(0), 48 * 1024))
+        print(f"num_sms={self.num_sms} max_smem_per_block={self.max_smem}", flush=True)
 
     def __call__(self, q, k, v, mask, scale, causal, dropout_p, rng):
         N, H, L, E = q.shape

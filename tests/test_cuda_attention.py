@@ -47,8 +47,9 @@ def _poison(nbytes_list):
     class to the next request of that size on the same stream, so the op's out / lse land on NaN.
     Returns the block addresses so callers can tell whether the reuse happened.
     """
-    bufs = [torch.full(((n + 3) // 4,), float("nan"), dtype=torch.float32, device=DEV)
-            for n in nbytes_list]
+    # All-ones bytes are NaN in every float dtype (fp16 0xFFFF, bf16 0xFFFF, fp32, fp64); a float32
+    # NaN (0x7FC00000) would leave the low fp16/bf16 half of each word at 0.0.
+    bufs = [torch.full((n,), 255, dtype=torch.uint8, device=DEV) for n in nbytes_list]
     ptrs = [b.data_ptr() for b in bufs]
     del bufs
     return ptrs
