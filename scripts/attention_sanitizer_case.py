@@ -8,7 +8,11 @@ By default it goes through torch.ops.tx_kernels.attention_fwd (the CUDA build of
 With --standalone it compiles csrc/kernels/attention_fwd.cu plus a tiny extern "C" shim with nvcc
 into build/txk_attention_fwd_standalone.so and calls the launcher through ctypes, so the kernels
 can be checked even without a working binding; --check then also compares every case with a
-float64 reference (max abs error, lse error) and exits non-zero on a failure.
+float64 reference (max abs error, lse error) and exits non-zero on a failure. --bench times bf16
+shapes through the standalone library against torch's flash SDPA backend (median of 30, events).
+
+    python scripts/attention_sanitizer_case.py --standalone --check   # ~1-2 min incl. nvcc
+    python scripts/attention_sanitizer_case.py --bench
 
 Sizes are small and awkward (17 x 129: tails in both tile dimensions) so the sanitizers finish in
 seconds. Variants: fast kernel fp16/bf16 x head dims 32, 64, 80 (padded to 96), 96, 128, 256,
@@ -60,6 +64,9 @@ static AttentionParams make(int dtype, const void* q, const void* k, const void*
 #define PASS dtype, q, k, v, out, lse, dims, strides, mask_kind, mask_dtype, mask, mask_strides, scale, \
   causal, dropout_p, seed, offset, num_sms, max_smem
 extern "C" uint64_t txk_ws_bytes(ARGS) { return attention_fwd_workspace_bytes(make(PASS)); }
+extern "C" int txk_fwd_async(ARGS, void* ws, uint64_t ws_bytes) {
+  return static_cast<int>(attention_fwd_cuda(make(PASS), ws, ws_bytes, 0));
+}
 extern "C" int txk_fwd(ARGS, void* ws, uint64_t ws_bytes) {
   cudaError_t e = attention_fwd_cuda(make(PASS), ws, ws_bytes, 0);
   if (e != cudaSuccess) return static_cast<int>(e);
@@ -103,7 +110,7 @@ class Standalone:
                          or known.get(torch.cuda.get_device_capability(0), 48 * 1024))
         print(f"num_sms={self.num_sms} max_smem_per_block={self.max_smem}", flush=True)
 
-    def __call__(self, q, k, v, mask, scale, causal, dropout_p, rng):
+    def __call__(self, q, k, v, mask, scale, causal, dropout_p, rng, timing_reps=0):
         N, H, L, E = q.shape
         Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
         out = torch.full((N, H, L, Ev), float("nan"), dtype=q.dtype, device=q.device)
@@ -131,6 +138,17 @@ class Standalone:
         err = self.lib.txk_fwd(*args, ctypes.c_void_p(ws.data_ptr()), ctypes.c_uint64(nbytes))
         if err != 0:
             raise RuntimeError(f"attention_fwd_cuda returned cudaError {err}")
+        if timing_reps:
+            # Median of timing_reps launches on the default stream, timed with events.
+            times = []
+            for _ in range(timing_reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(torch.cuda.default_stream())
+                self.lib.txk_fwd_async(*args, ctypes.c_void_p(ws.data_ptr()), ctypes.c_uint64(nbytes))
+                end.record(torch.cuda.default_stream())
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return out, lse, sorted(times)[len(times) // 2]
         return out, lse, int(nbytes)
 
 
@@ -183,11 +201,45 @@ def reference(q, k, v, mask, scale, causal):
     return p @ v, lse
 
 
+def bench():
+    """bf16 forward TFLOP/s of the standalone launcher vs torch's flash SDPA backend."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    run = Standalone()
+    print(f"{'shape':<36} {'causal':<6} {'ours ms':>8} {'TF/s':>7} {'flash ms':>8} {'TF/s':>7}")
+    for (N, H, L, S, E) in [(4, 16, 4096, 4096, 128), (8, 16, 2048, 2048, 128), (8, 16, 2048, 2048, 64),
+                            (2, 16, 8192, 8192, 128), (4, 8, 4096, 4096, 256), (16, 32, 1, 8192, 128)]:
+        for causal in (False, True):
+            q = torch.randn(N, H, L, E, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(N, H, S, E, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(N, H, S, E, device="cuda", dtype=torch.bfloat16)
+            flops = 4 * N * H * L * S * E * (0.5 if causal and L == S else 1.0)
+            _, _, ms = run(q, k, v, None, 1 / math.sqrt(E), causal, 0.0, None, timing_reps=30)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                times = []
+                for _ in range(30):
+                    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s0.record()
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    s1.record()
+                    s1.synchronize()
+                    times.append(s0.elapsed_time(s1))
+            fms = sorted(times)[len(times) // 2]
+            print(f"{str((N, H, L, S, E)):<36} {str(causal):<6} {ms:8.3f} {flops / ms / 1e9:7.1f} "
+                  f"{fms:8.3f} {flops / fms / 1e9:7.1f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--standalone", action="store_true", help="call the launcher through ctypes")
     ap.add_argument("--check", action="store_true", help="compare with a float64 reference")
+    ap.add_argument("--bench", action="store_true", help="time bf16 shapes vs flash SDPA (standalone)")
     args = ap.parse_args()
+    if args.bench:
+        bench()
+        return
     run = Standalone() if args.standalone else through_op
     torch.manual_seed(0)
     failed = 0

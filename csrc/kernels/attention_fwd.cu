@@ -718,8 +718,11 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 bool strides_mult8(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
 
 int64_t smem_limit(const AttentionParams& p) {
-  // 0 means the binding did not say: assume the limit every CUDA device has.
-  return p.max_smem_per_block > 0 ? p.max_smem_per_block : 48 * 1024;
+  // The binding should pass the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on
+  // H100, 163 KB on A100). 0 means it did not say: assume 99 KB, the smallest opt-in limit of
+  // the sm_80+ devices this file's kernels can run on (sm_86 / sm_89), which every fast config
+  // fits; 48 KB would silently send head dims >= 64 to the slow general kernel.
+  return p.max_smem_per_block > 0 ? p.max_smem_per_block : 101376;
 }
 
 Plan make_plan(const AttentionParams& p) {
