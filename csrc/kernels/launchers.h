@@ -11,6 +11,12 @@
 namespace tx_kernels {
 
 cudaError_t attention_fwd_cuda(const AttentionParams& params, cudaStream_t stream);
+// Split-KV (decode) scratch: bytes attention_fwd_cuda may use for this problem (0: none). Pass a
+// buffer of at least that size (16-byte aligned, contents irrelevant) to the overload below; with
+// none, or a smaller one, the forward still runs, unsplit.
+size_t attention_fwd_workspace_bytes(const AttentionParams& params);
+cudaError_t attention_fwd_cuda(const AttentionParams& params, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
 // Bytes of scratch attention_bwd_cuda needs in params.workspace for this problem.
 size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
 cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, cudaStream_t stream);

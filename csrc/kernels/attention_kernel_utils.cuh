@@ -1,0 +1,170 @@
+// attention_kernel_utils.cuh: thin, torch-free wrappers around the sm_80+ instructions the
+// attention kernels are built from (cp.async, ldmatrix, mma.sync m16n8k16), plus conversions and
+// warp reductions. Each wrapper documents the register layout it produces, because the kernels'
+// indexing is derived from exactly these layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16").
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace tx_kernels {
+namespace attn {
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct TypeTraits;
+
+template <>
+struct TypeTraits<__half> {
+  // Packs two fp32 values into one 32-bit register, `lo` in the low 16 bits: the element with the
+  // smaller column index of a fragment pair lives in the low half (PTX fragment layout).
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct TypeTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Generic scalar conversion used by the general (fp32-math) kernel for every input dtype.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From x) {
+  return static_cast<To>(x);
+}
+template <>
+__device__ __forceinline__ float convert<float, __half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float convert<float, __nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ __half convert<__half, float>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float x) { return __float2bfloat16_rn(x); }
+
+// ---------------------------------------------------------------------------------------------
+// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes when `valid`, else writes 16 zero bytes to shared memory (src-size 0 reads
+// nothing; `src` must still be a valid address, so callers pass the tensor's base pointer).
+// The zero fill is what makes tail tiles safe: padded K rows give finite scores (then masked to
+// -inf) and padded V rows give 0 instead of whatever garbage lies past the tensor (0 * NaN = NaN).
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)),
+               "l"(gmem_src), "r"(src_size)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// ldmatrix: four 8x8 b16 matrices from shared memory. Lane t supplies the address of row (t % 8)
+// of matrix (t / 8). Without .trans, register r[m] of lane t holds matrix m's elements
+// (row t/4, cols 2*(t%4), 2*(t%4)+1). With .trans it holds (rows 2*(t%4), 2*(t%4)+1; col t/4),
+// i.e. the transpose, which is what the B operand needs when the matrix is stored K-major.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row_ptr)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row_ptr)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col, fp32 accumulate: D = A (16x16) * B (16x8) + D.
+// Fragments of lane t, with g = t / 4 and c = 2 * (t % 4):
+//   A: a[0] = (row g,   cols c..c+1)   a[1] = (row g+8, cols c..c+1)
+//      a[2] = (row g,   cols c+8..c+9) a[3] = (row g+8, cols c+8..c+9)
+//   B: b[0] = (rows c..c+1,   col g)   b[1] = (rows c+8..c+9, col g)
+//   D: d[0], d[1] = (row g, cols c, c+1)   d[2], d[3] = (row g+8, cols c, c+1)
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+// ---------------------------------------------------------------------------------------------
+// Over the 4 lanes of a quad (lanes 4g..4g+3 share fragment rows g and g+8).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
+__device__ __forceinline__ float fast_log(float x) { return logf(x); }
+__device__ __forceinline__ double fast_log(double x) { return log(x); }
+
+}  // namespace attn
+}  // namespace tx_kernels
