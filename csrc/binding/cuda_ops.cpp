@@ -16,15 +16,6 @@
 #include "../kernels/launchers.h"
 #include "prepare.h"
 
-// Declared weak before any use (a weak definition after the first call is unspecified).
-namespace tx_kernels {
-// Weak stand-in so this branch links before csrc/kernels/attention_fwd.cu (another branch) is
-// merged; the real, strong definition replaces it at link time. TODO: delete after the merge.
-__attribute__((weak)) cudaError_t attention_fwd_cuda(const AttentionParams&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-}  // namespace tx_kernels
-
 namespace tx_kernels::binding {
 namespace {
 
@@ -69,7 +60,8 @@ DeviceInfo device_info() {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// fp32 scratch for the deterministic two-stage reductions, on the input's device.
+// Scratch for a launcher (two-stage reductions, split-KV partials), on the input's device;
+// 512-byte aligned by the caching allocator.
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   const int64_t floats = static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
   return at::empty({floats}, like.options().dtype(at::kFloat));
@@ -88,7 +80,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_op(
     const DeviceInfo dev = device_info();
     call.params.num_sms = dev.num_sms;
     call.params.max_smem_per_block = dev.max_smem_per_block;
-    check_launch(attention_fwd_cuda(call.params, current_stream()), "attention_fwd");
+    // Split-KV decode scratch (0 bytes for most problems); freed on return, which is safe: the
+    // caching allocator reuses it only for later work on the same stream.
+    const size_t ws_bytes = attention_fwd_workspace_bytes(call.params);
+    at::Tensor ws = workspace(ws_bytes, query);
+    check_launch(attention_fwd_cuda(call.params, ws_bytes ? ws.data_ptr() : nullptr, ws_bytes,
+                                    current_stream()),
+                 "attention_fwd");
   }
   return {call.out, call.lse};
 }

@@ -144,7 +144,9 @@ AttentionFwdCall prepare_attention_fwd(const at::Tensor& query, const at::Tensor
   call.params.out = call.out.data_ptr();
   call.params.lse = call.lse.data_ptr<float>();
   fill_strides3(call.out, call.params.out_stride);
-  if (call.out.numel() == 0 || S == 0) {
+  if (call.lse.numel() == 0) {
+    call.empty = true;  // no query row at all
+  } else if (S == 0) {
     // No key at all: every row is fully masked.
     call.out.zero_();
     call.lse.fill_(-std::numeric_limits<float>::infinity());
