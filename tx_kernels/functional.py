@@ -87,6 +87,11 @@ def scaled_dot_product_attention(
                          f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    # Under autocast, run in the autocast dtype as torch's SDPA does.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
     rng = _new_rng() if dropout_p > 0.0 else None
     out, _ = ops.attention_fwd(query, key, value, attn_mask, float(scale), bool(is_causal),
                                float(dropout_p), rng)
@@ -133,6 +138,11 @@ def add_layer_norm(
     _require_tensor(input, "input")
     _require_tensor(residual, "residual")
     n = _normalized_ndim(input, normalized_shape)
+    if input.dtype != residual.dtype and input.is_floating_point() and residual.is_floating_point():
+        # As `input + residual` would: both in the promoted dtype (e.g. a bf16 branch output added
+        # to an fp32 residual stream under autocast).
+        dtype = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(dtype), residual.to(dtype)
     out, residual_out, _, _ = ops.add_layer_norm_fwd(input, residual, weight, bias, n, float(eps))
     return out, residual_out
 

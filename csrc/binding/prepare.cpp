@@ -114,9 +114,9 @@ void fill_attention_common(AttentionParams& p, const at::Tensor& q, const at::Te
     p.mask = mask.data_ptr();
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
   }
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.is_causal = is_causal;
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_p = dropout_p;
   p.rng = read_rng(rng, dropout_p);
 }
 
@@ -420,7 +420,7 @@ void fill_bias_act(BiasActParams& p, const at::Tensor& input, const at::Tensor& 
   p.input = input2d.data_ptr();
   p.input_row_stride = input2d.stride(0);
   p.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_p = dropout_p;
   p.rng = read_rng(rng, dropout_p);
 }
 

@@ -49,10 +49,10 @@ struct AttentionParams {
   const void* mask = nullptr;
   int64_t mask_stride[4] = {0, 0, 0, 0};  // (batch, head, query, key), 0 where broadcast
 
-  float scale = 1.0f;
+  double scale = 1.0;  // double so fp64 inputs keep full precision; CUDA kernels narrow it
   bool is_causal = false;
 
-  float dropout_p = 0.0f;  // probability of dropping an attention probability
+  double dropout_p = 0.0;  // probability of dropping an attention probability
   DropoutRng rng;          // element index ((n * H + h) * L + i) * S + j
 
   // Filled by CUDA bindings from the device: kernels never query it themselves.
@@ -143,7 +143,7 @@ struct BiasActParams {
   const float* bias = nullptr;  // fp32 (cols) or nullptr
   void* out = nullptr;          // contiguous (rows, cols)
 
-  float dropout_p = 0.0f;  // element index row * cols + col
+  double dropout_p = 0.0;  // element index row * cols + col
   DropoutRng rng;
 };
 

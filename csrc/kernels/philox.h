@@ -89,8 +89,8 @@ TXK_HOST_DEVICE uint32_t dropout_threshold(double p) {
 namespace tx_kernels {
 
 // Factor applied to kept elements; 0 when everything is dropped (p == 1).
-TXK_HOST_DEVICE float dropout_scale(double p) {
-  return p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p));
+TXK_HOST_DEVICE double dropout_scale(double p) {
+  return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
 }
 
 }  // namespace tx_kernels
