@@ -169,10 +169,12 @@ __global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const Bwd
 // ---------------------------------------------------------------------------------------------
 // 2. dK / dV (and atomic dQ) fast kernel
 // ---------------------------------------------------------------------------------------------
+// Per warp the dK and dV accumulators take D fp32 registers and S^T, dP^T 2 x kBlockM / 2 more:
+// D = 128 takes kBlockM = 32 to stay under 255 registers without spilling.
 template <int D>
 struct BwdTraits {
-  static constexpr int kBlockM = 64;   // query rows per step
-  static constexpr int kBlockN = 128;  // key rows per block (8 warps x 16)
+  static constexpr int kBlockM = D >= 128 ? 32 : 64;  // query rows per step
+  static constexpr int kBlockN = 128;                 // key rows per block (8 warps x 16)
 };
 
 template <int D>
@@ -565,16 +567,21 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Bwd
 // 4. Deterministic dQ pass: one block per (query tile, head, batch), loop over key tiles.
 // ---------------------------------------------------------------------------------------------
 constexpr int kDqBlockM = 64;  // 4 warps x 16 query rows
-constexpr int kDqBlockN = 64;  // keys per step
+
+// Keys per step: dQ takes D / 2 registers, S and dP kBlockN / 2 each.
+template <int D>
+struct DqTraits {
+  static constexpr int kBlockN = D >= 128 ? 32 : 64;
+};
 
 template <int D>
 constexpr size_t dq_smem_bytes() {
-  return static_cast<size_t>(2 * kDqBlockM + 4 * kDqBlockN) * (D + 8) * 2;  // Q, dO, 2 x (K, V)
+  return static_cast<size_t>(2 * kDqBlockM + 4 * DqTraits<D>::kBlockN) * (D + 8) * 2;  // Q, dO, 2 x (K, V)
 }
 
 template <typename T, int D, bool kFeatures>
 __global__ void __launch_bounds__(kDqBlockM / 16 * 32, 1) attention_bwd_dq_kernel(const BwdArgs a) {
-  constexpr int kBlockM = kDqBlockM, kBlockN = kDqBlockN;
+  constexpr int kBlockM = kDqBlockM, kBlockN = DqTraits<D>::kBlockN;
   constexpr int kNThreads = kBlockM / 16 * 32;
   constexpr int kStride = D + 8;
   constexpr int kNT = kBlockN / 8;   // n-tiles of S / dP per warp
@@ -992,7 +999,7 @@ int fast_plan(const AttentionBwdParams& p) {
   const size_t smem = dkdv_smem_for(D) > dq_smem_for(D) ? dkdv_smem_for(D) : dq_smem_for(D);
   if (static_cast<int64_t>(smem) > smem_limit(p)) return 0;
   // Grid sizes (1D) and the int step / tile counters of the kernels.
-  const int64_t m_tiles = (p.q_len + 63) / 64;
+  const int64_t m_tiles = (p.q_len + 31) / 32;  // the smallest query tile of any kernel
   if (m_tiles * p.batch * p.heads > 0x7fffffff || m_tiles * (p.heads / p.kv_heads) > 0x7fffffff) return 0;
   const int64_t n_tiles = (p.kv_len + 127) / 128;
   if (n_tiles * p.batch * p.kv_heads > 0x7fffffff) return 0;
@@ -1107,6 +1114,10 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
 
 template <typename T, bool kFeatures>
 cudaError_t dispatch_fast_dim(const BwdArgs& a, int D, bool deterministic, cudaStream_t stream) {
+#ifdef TXK_BWD_DEV_DIM  // development only: compile a single head dim to iterate faster
+  if (D == TXK_BWD_DEV_DIM) return launch_fast_dim<T, TXK_BWD_DEV_DIM, kFeatures>(a, deterministic, stream);
+  return cudaErrorNotSupported;
+#else
   switch (D) {
     case 32: return launch_fast_dim<T, 32, kFeatures>(a, deterministic, stream);
     case 64: return launch_fast_dim<T, 64, kFeatures>(a, deterministic, stream);
@@ -1114,6 +1125,7 @@ cudaError_t dispatch_fast_dim(const BwdArgs& a, int D, bool deterministic, cudaS
     case 128: return launch_fast_dim<T, 128, kFeatures>(a, deterministic, stream);
     default: return cudaErrorNotSupported;
   }
+#endif
 }
 
 template <typename T>
