@@ -47,6 +47,8 @@
 // 5. General path (fp32/fp64 inputs, Ev != E, head dims not a multiple of 8 or > 128, misaligned
 //    pointers/strides, too little shared memory): Acc = fp32 (fp64 for fp64), no tensor cores,
 //    no atomics (deterministic by construction):
+//      attention_bwd_general_dsum_kernel: one warp per query row, Dsum_i = sum_j p_ij Z_ij dP_ij
+//        (= rowsum(dO * O) for the exact O, without the rounding of the stored `out`).
 //      attention_bwd_general_dkdv_kernel: one warp per key row j: lanes take 32 query rows at a
 //        time, compute p_ij, dS_ij; dv_j += sum_i p_ij Z_ij dO_i and dk_j += sum_i dS_ij q_i with
 //        the lanes over the feature columns.
@@ -879,6 +881,64 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
   for (int64_t c = lane; c < Ev; c += 32) dvj[c] = cvt<T>(dv_acc[c]);
 }
 
+// p_ij and dP_ij Z_ij of query row i (q_i and dO_i in shared memory, Acc) and key j.
+template <typename T, typename Acc>
+__device__ __forceinline__ void general_p_dpz(const BwdArgs& a, const Acc* sq, const Acc* sdo, const T* k,
+                                              const T* v, int64_t n, int64_t h, int64_t i, int64_t j,
+                                              int64_t row, Acc lse, Acc& p, Acc& dpz) {
+  const T* kj = k + j * a.k_stride[2];
+  Acc dot = Acc(0);
+  for (int64_t c = 0; c < a.E; ++c) dot += sq[c] * cvt<Acc>(kj[c]);
+  Acc sc = dot * general_scale<Acc>(a);
+  if (a.mask_kind != 0) sc += mask_bias<Acc>(a, n, h, i, j);
+  p = sc == -static_cast<Acc>(__builtin_huge_valf()) ? Acc(0) : exp_acc(sc - lse);
+  const T* vj = v + j * a.v_stride[2];
+  Acc dp = Acc(0);
+  for (int64_t c = 0; c < a.Ev; ++c) dp += sdo[c] * cvt<Acc>(vj[c]);
+  if (a.dropout) {
+    const bool keep = a.rng.word(static_cast<uint64_t>(row * a.S + j)) >= a.drop_threshold;
+    dp *= keep ? general_drop_scale<Acc>(a) : Acc(0);
+  }
+  dpz = dp;
+}
+
+// General path Dsum, one warp per query row: D_i = sum_j p_ij Z_ij dP_ij, which equals
+// rowsum(dO * O) for the exact O. Computed this way instead of from the stored `out` because
+// `out` was rounded to the input dtype: for fp16/bf16 that rounding (2^-11 / 2^-8 relative) would
+// be the largest error of every gradient (sum_j dS_ij = dO.O - D_i is exactly 0 only with the
+// exact O). It costs one more pass over the keys; the general path is the slow path anyway.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const BwdArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
+  Acc* sq = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (E + Ev);
+  Acc* sdo = sq + E;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
+  if (row >= a.N * H * L) return;  // only warp-level syncs below
+  const int64_t i = row % L, bh = row / L;
+  const int64_t h = bh % H, n = bh / H, hk = h / a.group;
+  const T* qi = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
+  const T* doi = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2];
+  const T* k = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
+  const T* v = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1];
+  for (int64_t c = lane; c < E; c += 32) sq[c] = cvt<Acc>(qi[c]);
+  for (int64_t c = lane; c < Ev; c += 32) sdo[c] = cvt<Acc>(doi[c]);
+  __syncwarp();
+  const float lse_f = a.lse[row];
+  Acc acc = Acc(0);
+  if (lse_f != -__builtin_huge_valf()) {  // a fully masked row keeps D = 0
+    const int64_t j_end = a.causal ? (i + 1 < S ? i + 1 : S) : S;
+    for (int64_t j = lane; j < j_end; j += 32) {
+      Acc p, dpz;
+      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, static_cast<Acc>(lse_f), p, dpz);
+      acc += p * dpz;
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
+}
+
 // One warp per query row i of (n, h): dq_i, and the row of dmask.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const BwdArgs a) {
@@ -894,9 +954,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
   if (row >= a.N * H * L) return;  // only warp-level syncs below
   const int64_t i = row % L, bh = row / L;
   const int64_t h = bh % H, n = bh / H, hk = h / a.group;
-  const Acc inf = static_cast<Acc>(__builtin_huge_valf());
   const Acc scale = general_scale<Acc>(a);
-  const Acc drop_scale = general_drop_scale<Acc>(a);
   const T* qi = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
   const T* doi = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2];
   const T* k = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
@@ -917,20 +975,9 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
     const int64_t j = j0 + lane;
     Acc ds = Acc(0);
     if (j < j_end && live) {
-      const T* kj = k + j * a.k_stride[2];
-      Acc dot = Acc(0);
-      for (int64_t c = 0; c < E; ++c) dot += sq[c] * cvt<Acc>(kj[c]);
-      Acc sc = dot * scale;
-      if (a.mask_kind != 0) sc += mask_bias<Acc>(a, n, h, i, j);
-      const Acc p = sc == -inf ? Acc(0) : exp_acc(sc - lse);
-      const T* vj = v + j * a.v_stride[2];
-      Acc dp = Acc(0);
-      for (int64_t c = 0; c < Ev; ++c) dp += sdo[c] * cvt<Acc>(vj[c]);
-      if (a.dropout) {
-        const bool keep = a.rng.word(static_cast<uint64_t>(row * S + j)) >= a.drop_threshold;
-        dp *= keep ? drop_scale : Acc(0);
-      }
-      ds = p * (dp - dsum);
+      Acc p, dpz;
+      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
+      ds = p * (dpz - dsum);
     }
     if (a.dmask != nullptr && j < j_end) a.dmask[row * S + j] = static_cast<float>(ds);
     sds[lane] = ds;
@@ -1149,10 +1196,22 @@ cudaError_t general_launch_shape(K kernel, int64_t per_warp, int64_t smem_max, i
 
 template <typename T, typename Acc>
 cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream) {
-  cudaError_t err = launch_preprocess<T, Acc>(a, stream);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
   int warps;
   size_t smem;
+  {
+    auto kernel = attention_bwd_general_dsum_kernel<T, Acc>;
+    err = general_launch_shape(kernel, (a.E + a.Ev) * static_cast<int64_t>(sizeof(Acc)), smem_max, warps, smem);
+    if (err != cudaSuccess) return err;
+    const int64_t rows = a.N * a.H * a.L;
+    const int64_t blocks = (rows + warps - 1) / warps;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    if (blocks > 0) {
+      kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(a);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
   {
     auto kernel = attention_bwd_general_dkdv_kernel<T, Acc>;
     err = general_launch_shape(kernel, (2 * a.E + 2 * a.Ev + 64) * static_cast<int64_t>(sizeof(Acc)), smem_max,
