@@ -12,37 +12,47 @@
 // 1. attention_bwd_preprocess_kernel<T, Acc>: one warp per query row: Dsum = rowsum(dO * O) in Acc
 //    into the workspace, and zeroes that row of the fp32 dQ accumulator (fast path, atomics).
 //
-// 2. attention_bwd_dkdv_kernel<T, D, kFeatures> (fp16/bf16, E == Ev, E % 8 == 0, E <= 128):
+// 2. attention_bwd_dkdv_kernel<T, D, kFeatures> (fp16/bf16, E == Ev, E % 8 == 0, E <= 128; E is
+//    zero-padded to the next of D = 32, 64, 96, 128 by the cp.async zero fill):
 //    one thread block per (key tile of kBlockN = 128 rows, kv head, batch); kBlockN / 16 = 8 warps,
 //    warp w owns key rows [16 w, 16 w + 16) of the tile and keeps their dK and dV (16 x D fp32
 //    each) in registers for the whole kernel. The block loops over the H / Hkv query heads of its
-//    group and over query tiles of kBlockM = 64 rows (causal: tiles entirely above the diagonal
-//    are skipped), the next tile's Q and dO prefetched with cp.async into a second stage:
+//    group and over query tiles of kBlockM rows (64; 32 for D = 128), skipping under causality the
+//    tiles entirely above the diagonal; the next tile's Q and dO are prefetched with cp.async into
+//    a second stage while this one is computed:
 //      S^T  = K Q^T        (per warp 16 x kBlockM; A = K rows, B = Q rows, both ldmatrix)
 //      P^T  = exp2(S^T scale log2e (+ mask log2e) - lse log2e)   (lse staged in shared memory)
 //      dV  += (P Z)^T dO   (A = P^T re-packed from the accumulators, B = dO via ldmatrix.trans)
 //      dP^T = V dO^T       (A = V rows, B = dO rows)
 //      dS^T = P^T (dP^T Z - Dsum)
 //      dK  += dS^T Q       (A = dS^T from the accumulators, B = Q via ldmatrix.trans)
-//      dQ  += dS K         only when atomics are on: dS^T goes to shared memory (T), every warp
-//                          computes a 16 x (D / 2) block of the 64 x D product and adds it with
-//                          fp32 atomicAdd into the workspace accumulator.
+//      dQ  += dS K         only with atomics on: dS^T goes to shared memory (as T), each warp
+//                          computes a 16 x (D / (8 / (kBlockM / 16))) block of the kBlockM x D
+//                          product (A = dS via ldmatrix.trans of dS^T, B = K via ldmatrix.trans)
+//                          and adds it with fp32 atomicAdd into the workspace accumulator.
 //    Epilogue: dK * scale and dV staged through the K/V shared tiles, 16-byte stores.
-//    Shared memory (rows padded to D + 8 elements: 8 consecutive rows start 4 banks apart, so
-//    ldmatrix phases and cp.async writes are conflict-free):
-//      K, V: 2 x 128 rows; Q, dO: 2 stages x 2 x 64 rows; dS^T: 128 x 72; lse, Dsum: 2 x 2 x 64 fp32
-//      = 512 (D + 8) 2 + 18432 + 1024 bytes: D=32 60 KB, 64 93 KB, 96 126 KB, 128 155 KB.
-//    kFeatures = false compiles out mask, dropout and dmask (the common case).
+//    Shared memory (rows padded to D + 8 elements, dS^T rows to kBlockM + 8: 8 consecutive rows
+//    start 4 banks apart, so ldmatrix phases, cp.async writes and the fragment stores are
+//    conflict-free): K, V (2 x 128 rows), 2 stages of Q and dO (kBlockM rows each), dS^T
+//    (128 x (kBlockM + 8)), 2 stages of lse and Dsum (fp32):
+//       D     kBlockM  smem (bytes)   registers sm_90 (feat=0 / feat=1, spill bytes)
+//       32      64       60416         201 / 166
+//       64      64       93184         224 / 228
+//       96      64      125952         252 / 255 (12 B spill)
+//      128      32      115200         255 / 255 (28 B spill)
+//    (sm_80: D = 96 feat=0 spills 20 B.) kFeatures = false compiles out mask, dropout and dmask.
+//    D = 256 would need 256 accumulator registers per thread for dK and dV alone: general path.
 //
 // 3. attention_bwd_dq_convert_kernel<T>: dq = T(scale * dq_accum) through dq's strides.
 //
 // 4. Deterministic mode (params.deterministic): no atomics. The dK/dV kernel runs without its dQ
 //    part and attention_bwd_dq_kernel<T, D, kFeatures> computes dQ in a second pass: one block per
-//    (query tile of 64 rows, head, batch), 4 warps of 16 query rows, looping over key tiles of 64
-//    (double-buffered cp.async) in a fixed order: recomputes S, P, dP, dS and accumulates dQ in
-//    registers, then writes dq directly. Bit-identical run to run. Cost: S = Q K^T and dP = dO V^T
-//    are computed twice, so about 7 instead of 5 matrix products of the same size (~1.4x the
-//    tensor-core work), minus the atomics and the conversion pass.
+//    (query tile of 64 rows, head, batch), 4 warps of 16 query rows, looping in a fixed order over
+//    key tiles of 64 (32 for D = 128), double-buffered with cp.async: recomputes S, P, dP, dS and
+//    accumulates dQ in registers, then writes dq directly (smem 30720 / 55296 / 79872 / 69632
+//    bytes for D = 32 / 64 / 96 / 128; 172-244 registers, no spills). Bit-identical run to run.
+//    Cost: S = Q K^T and dP = dO V^T are computed twice, so 7 instead of 5 matrix products of the
+//    same size (~1.4x the tensor-core work), minus the atomics and the conversion pass.
 //
 // 5. General path (fp32/fp64 inputs, Ev != E, head dims not a multiple of 8 or > 128, misaligned
 //    pointers/strides, too little shared memory): Acc = fp32 (fp64 for fp64), no tensor cores,
@@ -1242,7 +1252,8 @@ cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream)
   return err;
 }
 
-cudaError_t validate(const AttentionBwdParams& p) {
+// Sizes and mask description only: the workspace query may run before the outputs exist.
+cudaError_t validate_shape(const AttentionBwdParams& p) {
   if (p.batch < 0 || p.heads < 0 || p.kv_heads < 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim < 0 ||
       p.v_head_dim < 0) {
     return cudaErrorInvalidValue;
@@ -1253,6 +1264,12 @@ cudaError_t validate(const AttentionBwdParams& p) {
     if (p.mask_kind == MaskKind::kBool && p.mask_dtype != DType::kBool) return cudaErrorInvalidValue;
     if (p.mask_kind == MaskKind::kAdditive && p.mask_dtype == DType::kBool) return cudaErrorInvalidValue;
   }
+  return cudaSuccess;
+}
+
+cudaError_t validate(const AttentionBwdParams& p) {
+  const cudaError_t err = validate_shape(p);
+  if (err != cudaSuccess) return err;
   if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr ||
       p.grad_out == nullptr || p.dq == nullptr || p.dk == nullptr || p.dv == nullptr) {
     return cudaErrorInvalidValue;
@@ -1262,8 +1279,11 @@ cudaError_t validate(const AttentionBwdParams& p) {
 
 }  // namespace
 
+// Depends on the sizes, the dtype, the shared-memory limit and the alignment of the pointers and
+// strides already filled in (unset output pointers count as aligned, which can only over-estimate),
+// not on params.deterministic.
 size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params) {
-  if (validate(params) != cudaSuccess) return 0;
+  if (validate_shape(params) != cudaSuccess) return 0;
   size_t bytes = dsum_bytes(params);
   if (fast_plan(params) != 0) {
     bytes += static_cast<size_t>(params.batch) * params.heads * params.q_len * params.head_dim * sizeof(float);
