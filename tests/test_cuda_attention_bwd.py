@@ -1,0 +1,393 @@
+"""CUDA attention backward (csrc/kernels/attention_bwd.cu) against float64 references.
+
+fp16/bf16: the max error of dq, dk, dv (and of an additive mask's gradient) against a float64
+reference (tx_kernels.reference.attention, autograd) is at most 2x that of stock torch
+(F.scaled_dot_product_attention in the same precision) against the same reference.
+fp32/fp64 (the general kernels): relative error under 1e-4 / 1e-5 (lse is fp32 by contract).
+Every gradient buffer is poisoned first: NaN-filled tensors of the output sizes are allocated and
+freed right before the backward runs, so the caching allocator hands that memory to the op and any
+element the kernels fail to write shows up as NaN.
+
+Kernel variants covered: the fast tensor-core path (fp16/bf16, E == Ev, E % 8 == 0, E <= 128: head
+dims 32/64/96/128 and padded ones like 48), with atomic dQ or the deterministic dQ pass
+(torch.use_deterministic_algorithms(True)), with and without mask/dropout; the general path
+(fp32, fp64, Ev != E, E = 20 or 256).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tx_kernels
+import tx_kernels.functional as TF
+from tx_kernels import reference as R
+from tx_kernels.ops import ops
+
+from conftest import assert_within_torch_error, rel_err
+
+
+import os
+
+# TX_KERNELS_BWD_TEST_DEVICE=cpu runs this file's logic against the CPU op (a check of the test
+# itself on machines without a GPU; it proves nothing about the CUDA kernels).
+DEV = os.environ.get("TX_KERNELS_BWD_TEST_DEVICE", "cuda")
+
+
+def _skip_reason():
+    if DEV == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if not tx_kernels.ops.has_cuda_kernels():
+        return "this build of tx_kernels has no CUDA kernels"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("tx_kernels::attention_bwd", "CUDA"):
+        return "attention_bwd has no CUDA registration in this build"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+# Absolute slack added to the 2x rule: well under one ulp at magnitude 1, for entries whose exact
+# value is 0 (e.g. dq with a single key), where torch may happen to round to exactly 0.
+ATOL = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make(shape, dtype, layout="bhld"):
+    """randn of logical shape (N, H, L, E); layout "blhd" stores it as (N, L, H, E) (a view)."""
+    if layout == "blhd":
+        n, h, l, e = shape
+        return torch.randn(n, l, h, e, device=DEV, dtype=dtype).transpose(1, 2)
+    return torch.randn(*shape, device=DEV, dtype=dtype)
+
+
+def _inputs(N, H, Hkv, L, S, E, Ev, dtype, layout="bhld"):
+    q = _make((N, H, L, E), dtype, layout)
+    k = _make((N, Hkv, S, E), dtype, layout)
+    v = _make((N, Hkv, S, Ev), dtype, layout)
+    return q, k, v
+
+
+def _mask(kind, N, H, L, S, dtype):
+    if kind is None:
+        return None
+    if kind == "bool_keys":  # key padding (N, 1, 1, S); key 0 always visible: no empty row
+        m = torch.rand(N, 1, 1, S, device=DEV) > 0.3
+        m[..., 0] = True
+        return m
+    if kind == "bool_2d":  # (L, S)
+        m = torch.rand(L, S, device=DEV) > 0.4
+        m[:, 0] = True
+        return m
+    if kind == "add_heads":  # (1, H, L, S)
+        return torch.randn(1, H, L, S, device=DEV, dtype=dtype)
+    if kind == "add_2d":  # (L, S)
+        return torch.randn(L, S, device=DEV, dtype=dtype)
+    if kind == "add_keys":  # (N, 1, 1, S): a per-key bias, its gradient summed over H and L
+        # (A per-row bias (N, 1, L, 1) has an exact gradient of 0 -- softmax is shift-invariant --
+        # so its computed gradient is pure cancellation noise of the rounded `out`; not a useful
+        # 2x-torch comparison.)
+        return torch.randn(N, 1, 1, S, device=DEV, dtype=dtype)
+    raise ValueError(kind)
+
+
+def _poison(q, k, v, mask_grad):
+    """Allocate NaN tensors the size of every buffer the backward allocates, then free them."""
+    N, H, L, E = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    bufs = [torch.full_like(q, float("nan"), memory_format=torch.contiguous_format),
+            torch.full_like(k, float("nan"), memory_format=torch.contiguous_format),
+            torch.full_like(v, float("nan"), memory_format=torch.contiguous_format),
+            # the workspace: Dsum and the fp32 dq accumulator
+            torch.full((N * H * L * (E + 2) + 64,), float("nan"), device=DEV)]
+    if mask_grad:
+        bufs.append(torch.full((N, H, L, S), float("nan"), device=DEV))
+    del bufs
+
+
+def _fwd_bwd(q, k, v, mask, causal, scale, grad=None, p=0.0, rng=None, mask_grad=False):
+    out, lse = ops.attention_fwd(q, k, v, mask, scale, causal, p, rng)
+    if grad is None:
+        grad = torch.randn_like(out)
+    _poison(q, k, v, mask_grad)
+    dq, dk, dv, dmask = ops.attention_bwd(grad, q, k, v, out, lse, mask, scale, causal, p, rng, mask_grad)
+    _sync()
+    grads = [dq, dk, dv] + ([dmask] if mask_grad else [])
+    return out, grad, grads
+
+
+def _ref_grads(q, k, v, mask, causal, scale, grad, keep=None, p=0.0):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    m64 = None
+    if mask is not None:
+        m64 = mask.detach().double().requires_grad_() if mask.is_floating_point() else mask
+    out = R.attention(q64, k64, v64, m64, is_causal=causal, scale=scale, dropout_mask=keep, dropout_p=p)
+    inputs = [q64, k64, v64] + ([m64] if m64 is not None and m64.is_floating_point() else [])
+    return list(torch.autograd.grad(out, inputs, grad.double()))
+
+
+def _torch_sdpa(q, k, v, mask, scale):
+    """Stock torch in the inputs' precision, the way a GPU user gets it: one of its fused kernels
+    (flash, memory-efficient, cuDNN), which, like ours, read the stored low-precision `out` for
+    rowsum(dO * O). GQA is expressed by repeating K/V (autograd sums dK/dV back), because torch's
+    memory-efficient kernel takes masks but not enable_gqa. Only when no fused kernel takes the
+    case does torch's default dispatch (the math path) run. Returns (out, which)."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+        with sdpa_kernel(fused):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), "fused"
+    except (RuntimeError, ImportError):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), "default"
+
+
+def _torch_grads(q, k, v, mask, causal, scale, grad):
+    """Gradients of _torch_sdpa; causality folded into an explicit mask (torch's is_causal is
+    top-left too, but not every backend accepts it with L != S)."""
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    L, S = q.shape[2], k.shape[2]
+    tmask = None
+    if mask is not None:
+        tmask = mask.detach().clone()
+        if tmask.is_floating_point():
+            tmask = tmask.to(q.dtype).requires_grad_()
+    eff = tmask
+    if causal:
+        tri = torch.ones(L, S, dtype=torch.bool, device=DEV).tril()
+        if tmask is None:
+            eff = tri
+        elif tmask.dtype == torch.bool:
+            eff = tmask & tri
+        else:
+            eff = tmask.masked_fill(~tri, float("-inf"))
+    out, _ = _torch_sdpa(qt, kt, vt, eff, scale)
+    inputs = [qt, kt, vt] + ([tmask] if tmask is not None and tmask.is_floating_point() else [])
+    return list(torch.autograd.grad(out, inputs, grad))
+
+
+def _check_2x_torch(q, k, v, mask=None, causal=False, scale=None, name=""):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask_grad = mask is not None and mask.is_floating_point()
+    _, grad, ours = _fwd_bwd(q, k, v, mask, causal, scale, mask_grad=mask_grad)
+    ref = _ref_grads(q, k, v, mask, causal, scale, grad)
+    theirs = _torch_grads(q, k, v, mask, causal, scale, grad)
+    for gname, a, b, c in zip(("dq", "dk", "dv", "dmask"), ours, theirs, ref):
+        assert a.shape == c.shape, f"{name} {gname}: shape {tuple(a.shape)} vs {tuple(c.shape)}"
+        assert_within_torch_error(a, b, c, atol=ATOL[q.dtype], name=f"{name} {gname}")
+    return ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: fp16 / bf16 against 2x stock torch
+# ----------------------------------------------------------------------------------------------
+# (N, H, Hkv, L, S, E): ones, primes, one past a tile (65, 129), L != S both ways, GQA
+SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 3, 3, 17, 17, 64),
+    (1, 2, 2, 127, 129, 64),
+    (2, 4, 2, 129, 127, 64),
+    (1, 2, 1, 1000, 1000, 64),
+    (1, 2, 2, 1, 300, 64),
+    (1, 2, 2, 300, 1, 64),
+    (1, 6, 2, 200, 77, 32),
+    (2, 2, 2, 129, 257, 96),
+    (1, 4, 1, 257, 129, 128),
+    (1, 2, 2, 99, 130, 48),  # padded to the 64 instantiation
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fast_path_within_2x_torch(shape, dtype, causal):
+    N, H, Hkv, L, S, E = shape
+    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    _check_2x_torch(q, k, v, causal=causal, name=f"{shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["bool_keys", "bool_2d", "add_heads", "add_2d", "add_keys"])
+@pytest.mark.parametrize("E", [64, 128])
+def test_masks_and_mask_gradient(kind, dtype, causal, E):
+    N, H, Hkv, L, S = 2, 4, 2, 131, 200
+    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    mask = _mask(kind, N, H, L, S, dtype)
+    _check_2x_torch(q, k, v, mask, causal, name=kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_transposed_layout_and_custom_scale(dtype):
+    # (N, L, H, E) storage viewed as (N, H, L, E): strided rows, no copy.
+    q, k, v = _inputs(2, 4, 4, 150, 190, 64, 64, dtype, layout="blhd")
+    assert not q.is_contiguous()
+    _check_2x_torch(q, k, v, _mask("add_heads", 2, 4, 150, 190, dtype), causal=True, scale=0.3)
+
+
+def test_fp32_mask_on_fp16_inputs():
+    # An additive mask of another floating dtype than the inputs: compared with the reference
+    # (torch SDPA would need the mask in the inputs' dtype).
+    N, H, L, S, E = 2, 2, 70, 90, 64
+    q, k, v = _inputs(N, H, H, L, S, E, E, torch.float16)
+    mask = torch.randn(N, 1, L, S, device=DEV, dtype=torch.float32)
+    scale = 1 / 8
+    _, grad, ours = _fwd_bwd(q, k, v, mask, False, scale, mask_grad=True)
+    ref = _ref_grads(q, k, v, mask, False, scale, grad)
+    assert ours[3].dtype == torch.float32 and ours[3].shape == mask.shape
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
+        assert rel_err(a, b) < 1e-2, f"{name}: relative error {rel_err(a, b):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fully_masked_rows_give_zero_gradients(dtype):
+    N, H, L, S, E = 2, 2, 75, 140, 64
+    q, k, v = _inputs(N, H, H, L, S, E, E, dtype)
+    bool_mask = torch.rand(N, H, L, S, device=DEV) > 0.5
+    bool_mask[:, :, 3] = False  # row 3 sees nothing
+    bool_mask[:, :, 70] = False  # a row in the second query tile
+    add_mask = torch.zeros(N, 1, L, S, device=DEV, dtype=dtype)
+    add_mask[1, :, 5] = float("-inf")
+    scale = 1 / 8
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}[dtype]
+    for mask, dead in [(bool_mask, (slice(None), slice(None), [3, 70])), (add_mask, (1, slice(None), 5))]:
+        mask_grad = mask.is_floating_point()
+        out, grad, ours = _fwd_bwd(q, k, v, mask, False, scale, mask_grad=mask_grad)
+        for t in ours:
+            assert torch.isfinite(t).all()
+        assert (ours[0][dead] == 0).all()
+        if mask_grad:
+            assert (ours[3][dead] == 0).all()
+        ref = _ref_grads(q, k, v, mask, False, scale, grad)
+        for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
+            assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.3e}"
+    # Causal + padding of key 0: query 0 sees nothing.
+    pad = torch.ones(1, 1, 1, S, dtype=torch.bool, device=DEV)
+    pad[..., 0] = False
+    _, grad, ours = _fwd_bwd(q, k, v, pad, True, scale)
+    assert all(torch.isfinite(t).all() for t in ours)
+    assert (ours[0][:, :, 0] == 0).all()
+
+
+def test_end_to_end_autograd():
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 4, 2, 100, 100, 64, 64, torch.float16))
+    out = TF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = _ref_grads(q, k, v, None, True, 1 / 8, grad)
+    theirs = _torch_grads(q, k, v, None, True, 1 / 8, grad)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, theirs, ref):
+        assert_within_torch_error(a, b, c, atol=ATOL[torch.float16], name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# General path
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 8, 8), (2, 4, 2, 65, 31, 32, 24), (1, 3, 1, 129, 257, 64, 64),
+                                   (1, 2, 2, 300, 97, 13, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_kind", [None, "bool_keys", "add_heads"])
+def test_general_fp32(shape, causal, mask_kind):
+    N, H, Hkv, L, S, E, Ev = shape
+    q, k, v = _inputs(N, H, Hkv, L, S, E, Ev, torch.float32)
+    mask = _mask(mask_kind, N, H, L, S, torch.float32)
+    scale = 1 / math.sqrt(E)
+    _, grad, ours = _fwd_bwd(q, k, v, mask, causal, scale, mask_grad=mask is not None and mask.is_floating_point())
+    ref = _ref_grads(q, k, v, mask, causal, scale, grad)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
+        assert rel_err(a, b) < 1e-4, f"{name}: relative error {rel_err(a, b):.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dims", [(64, 32), (20, 20), (256, 256)], ids=lambda d: f"E{d[0]}_Ev{d[1]}")
+def test_general_low_precision_within_2x_torch(dtype, dims):
+    E, Ev = dims
+    q, k, v = _inputs(2, 2, 1, 77, 130, E, Ev, dtype)
+    _check_2x_torch(q, k, v, _mask("add_2d", 2, 2, 77, 130, dtype), causal=True, name=f"E={E} Ev={Ev}")
+
+
+def test_general_fp64():
+    # lse is fp32 by contract, so P = exp(s - lse) and every gradient carry ~1e-7 relative error:
+    # the same 1e-5 bound as the CPU op's fp64 gradients (tests/test_attention.py).
+    q, k, v = _inputs(1, 2, 1, 45, 70, 16, 24, torch.float64)
+    try:
+        ops.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
+    except RuntimeError as e:
+        pytest.skip(f"fp64 attention not accepted on CUDA by this build: {e}")
+    mask = _mask("add_heads", 1, 2, 45, 70, torch.float64)
+    _, grad, ours = _fwd_bwd(q, k, v, mask, True, 0.25, mask_grad=True)
+    ref = _ref_grads(q, k, v, mask, True, 0.25, grad)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
+        assert rel_err(a, b) < 1e-5, f"{name}: relative error {rel_err(a, b):.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout: the same mask as the CPU op for the same rng tensor
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("E", [64, 128])
+def test_dropout_matches_cpu_op(dtype, causal, E):
+    N, H, Hkv, L, S, p = 2, 4, 2, 77, 131, 0.3
+    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    mask = torch.randn(1, H, L, S, device=DEV, dtype=dtype)
+    rng = torch.tensor([int(torch.randint(0, 2**62, ()).item()), 17], dtype=torch.int64)
+    scale = 1 / math.sqrt(E)
+    _, grad, ours = _fwd_bwd(q, k, v, mask, causal, scale, p=p, rng=rng, mask_grad=True)
+    # The CPU op on the same inputs upcast to float64, same rng.
+    cpu = [t.detach().cpu().double() for t in (q, k, v, mask, grad)]
+    out_c, lse_c = ops.attention_fwd(cpu[0], cpu[1], cpu[2], cpu[3], scale, causal, p, rng)
+    want = ops.attention_bwd(cpu[4], cpu[0], cpu[1], cpu[2], out_c, lse_c, cpu[3], scale, causal, p, rng, True)
+    # A different keep-mask would give errors of order 1; rounding of the inputs' precision stays
+    # far below these bounds.
+    tol = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-4}[dtype]
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, want):
+        assert rel_err(a.cpu(), b) < tol, f"{name}: relative error {rel_err(a.cpu(), b):.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic mode
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("E,features", [(64, False), (128, True), (32, True), (96, False)])
+def test_deterministic_mode_is_bit_identical(dtype, E, features):
+    N, H, Hkv, L, S = 2, 4, 2, 300, 257
+    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    mask = torch.randn(1, H, L, S, device=DEV, dtype=dtype) if features else None
+    p = 0.2 if features else 0.0
+    rng = torch.tensor([12345, 6], dtype=torch.int64) if features else None
+    scale = 1 / math.sqrt(E)
+    out, lse = ops.attention_fwd(q, k, v, mask, scale, True, p, rng)
+    grad = torch.randn_like(out)
+    args = (grad, q, k, v, out, lse, mask, scale, True, p, rng, features)
+    atomic = ops.attention_bwd(*args)
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            _poison(q, k, v, features)
+            runs.append(ops.attention_bwd(*args))
+            _sync()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    n_out = 4 if features else 3
+    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), runs[0][:n_out], runs[1][:n_out], atomic[:n_out]):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert torch.equal(a, b), f"{name}: deterministic runs differ"
+        # Same math, different summation order for dq only: equal up to rounding.
+        assert rel_err(a, c) < 1e-2, f"{name}: deterministic vs atomic {rel_err(a, c):.3e}"
+    if not features:
+        ref = _ref_grads(q, k, v, None, True, scale, grad)
+        theirs = _torch_grads(q, k, v, None, True, scale, grad)
+        for name, a, b, c in zip(("dq", "dk", "dv"), runs[0], theirs, ref):
+            assert_within_torch_error(a, b, c, atol=ATOL[dtype], name=f"deterministic {name}")
