@@ -1,11 +1,10 @@
 // cuda_ops.cpp: the CUDA implementations of the tx_kernels operators (schemas in registry.cpp).
 //
-// Each function: rejects fp64 data (the CUDA kernels are fp32/fp16/bf16), sets the device guard
-// to the input's device, runs the shared prepare_* (all argument checks, output allocation,
-// params filling; see prepare.h), adds what only the device knows (SM count, shared-memory limit,
-// workspace), launches on the current stream and turns a CUDA error into a Python exception.
-// attention_bwd has no CUDA kernel yet (a later issue): the dispatcher then reports that the
-// operator has no CUDA implementation.
+// Each function: rejects fp64 data where the kernels lack it (attention has a general fp64 path),
+// sets the device guard to the input's device, runs the shared prepare_* (all argument checks,
+// output allocation, params filling; see prepare.h), adds what only the device knows (SM count,
+// shared-memory limit, workspace), launches on the current stream and turns a CUDA error into a
+// Python exception.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -89,6 +88,30 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_op(
                  "attention_fwd");
   }
   return {call.out, call.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda_op(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& logsumexp,
+    const std::optional<at::Tensor>& attn_mask, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng, bool compute_mask_grad) {
+  check_on_cuda(query, "query");
+  const c10::cuda::CUDAGuard guard(query.device());
+  auto call = prepare_attention_bwd(grad_out, query, key, value, out, logsumexp, attn_mask, scale,
+                                    is_causal, dropout_p, rng, compute_mask_grad);
+  if (!call.empty) {
+    const DeviceInfo dev = device_info();
+    call.params.num_sms = dev.num_sms;
+    // The opt-in limit: left at the 48 KB default, every config would take the general path.
+    call.params.max_smem_per_block = dev.max_smem_per_block;
+    // torch.use_deterministic_algorithms(True) selects the atomic-free dQ pass.
+    call.params.deterministic = at::globalContext().deterministicAlgorithms();
+    // D = rowsum(dO * O) and the fp32 dQ accumulator; the launcher initializes it itself.
+    at::Tensor ws = workspace(attention_bwd_workspace_bytes(call.params), query);
+    call.params.workspace = ws.numel() ? ws.data_ptr<float>() : nullptr;
+    check_launch(attention_bwd_cuda(call.params, current_stream()), "attention_bwd");
+  }
+  return {call.dq, call.dk, call.dv, finish_attention_mask_grad(call)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda_op(
@@ -184,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda_op(const at::Tensor& grad_o
 
 TORCH_LIBRARY_IMPL(tx_kernels, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda_op);
+  m.impl("attention_bwd", &attention_bwd_cuda_op);
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda_op);
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cuda_op);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda_op);
