@@ -182,15 +182,18 @@ def measure(fn, device: str, budget_s: float = 1.0, min_reps: int = 5, max_reps:
     """(median, p20, p80) in ms of fn's time per call, spending about budget_s seconds."""
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # Warm-up: at least min_warmup calls and warmup_s seconds (caches, allocator, lazy init).
-    start, n = time.perf_counter(), 0
+    # Warm-up: at least min_warmup calls and warmup_s seconds (caches, allocator, lazy init,
+    # torch.compile's first-call compilation). The repetition count comes from the fastest
+    # warm-up call, so a slow first call (compilation) does not shrink it.
+    start, n, per_call = time.perf_counter(), 0, float("inf")
     while n < min_warmup or time.perf_counter() - start < warmup_s:
+        t0 = time.perf_counter()
         fn()
+        sync()
+        per_call = min(per_call, time.perf_counter() - t0)
         n += 1
         if n >= 50:
             break
-    sync()
-    per_call = (time.perf_counter() - start) / n
     reps = int(max(min_reps, min(max_reps, budget_s / max(per_call, 1e-6))))
     times = []
     if cuda:
