@@ -91,6 +91,25 @@ def test_forward_backward_match_reference(device, dtype, act, cols, with_bias, p
         assert rel_err(a, e) < 1e-4, rel_err(a, e)
 
 
+@pytest.mark.parametrize("cols,dtype", [(4096, torch.float32), (1023, torch.float32), (4096, torch.bfloat16)])
+def test_large_streaming_store_path(cols, dtype, poison):
+    # Outputs of 8 MiB or more use non-temporal stores (aligned tiles only; 1023 mixes both).
+    rows = (8 << 20) // (cols * torch.tensor([], dtype=dtype).element_size()) + 3
+    x = (torch.randn(rows, cols) * 2).to(dtype)
+    b = torch.randn(cols)
+    g = torch.randn(rows, cols).to(dtype)
+    out = ops.bias_act_fwd(x, b, "gelu_tanh", 0.0, None)
+    gx, gb = ops.bias_act_bwd(g, x, b, "gelu_tanh", 0.0, None)
+    xr, br = x.double().requires_grad_(), b.double().requires_grad_()
+    ref = R.bias_act(xr, br, "gelu_tanh")
+    gx_ref, gb_ref = torch.autograd.grad(ref, (xr, br), g.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, ref) < tol and rel_err(gx, gx_ref) < 10 * tol and rel_err(gb, gb_ref) < 10 * tol
+    drop = ops.bias_act_fwd(x, b, "relu", 0.5, torch.tensor([9, 9]))
+    keep = philox_keep_mask(9, 9, x.numel(), 0.5).reshape(x.shape)
+    assert torch.equal(drop, torch.where(keep, (F.relu(x.float() + b) * 2).to(dtype), torch.zeros((), dtype=dtype)))
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_activation_accuracy_full_range(act):
     # Every fp32 input range the polynomial exp/erf must cover, including saturation and overflow.

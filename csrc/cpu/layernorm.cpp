@@ -87,12 +87,12 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       T* ro = residual ? residual_out + r * cols : nullptr;
       T* y = out + r * cols;
       const bool nt_ro = stream && res && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
-      // The next row's input, prefetched while this row's statistics and output are computed
-      // from the L1-resident buffer (otherwise memory sits idle during those two passes).
-      const bool has_next = r + 1 < r1;
-      const char* next_x = reinterpret_cast<const char*>(x + p.input_row_stride);
-      const char* next_res = res ? reinterpret_cast<const char*>(res + p.residual_row_stride) : nullptr;
-      const int64_t row_bytes = cols * int64_t(sizeof(T));
+      // The input two rows ahead is prefetched, a cache line per block, while this row's output
+      // is computed from the L1-resident buffer: otherwise memory reads sit idle during the two
+      // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
+      const bool prefetch = r + 2 < r1;
+      const char* ahead_x = reinterpret_cast<const char*>(x + 2 * p.input_row_stride);
+      const char* ahead_res = res ? reinterpret_cast<const char*>(res + 2 * p.residual_row_stride) : nullptr;
 
       // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
       // row buffer and to the sum (see row_mean, which must match this order for fp64).
@@ -143,12 +143,6 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       // Variance from squared deviations of the hot buffer.
       const AVec m(shifted_mean);
       AVec q0(0), q1(0);
-      if (has_next) {
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-          detail::prefetch(next_x + off);
-          if (next_res) detail::prefetch(next_res + off);
-        }
-      }
       for (c = 0; c < full; c += K) {
         const AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
         q0 = at::vec::fmadd(d0, d0, q0);
@@ -166,6 +160,12 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       // out = (s - mean) * rstd * w + b, written once.
       const AVec rs(rstd);
       for (c = 0; c < full; c += K) {
+        if (prefetch) {
+          for (int64_t off = c * int64_t(sizeof(T)); off < (c + K) * int64_t(sizeof(T)); off += 64) {
+            detail::prefetch(ahead_x + off);
+            if (ahead_res) detail::prefetch(ahead_res + off);
+          }
+        }
         a = at::vec::fmadd((AVec::loadu(buf + c) - m) * rs, AVec::loadu(w + c), AVec::loadu(bb + c));
         b = at::vec::fmadd((AVec::loadu(buf + c + L) - m) * rs, AVec::loadu(w + c + L),
                            AVec::loadu(bb + c + L));
