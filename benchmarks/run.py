@@ -6,7 +6,8 @@ rows to <out>/<device-slug>.csv (default benchmarks/results/). Plots: python -m 
 
 Defaults are sized for the 2-core development CPU (a few minutes for the whole suite); on CUDA the
 modules switch to the GPU shapes and add torch.compile baselines. torch.compile runs on CPU only
-with --compile: inductor's C++ compilation takes minutes there and would dominate the suite.
+with --compile: inductor's C++ compilation of every case (tens of seconds each on 2 cores, more on a
+cold cache) would dominate the suite.
 """
 import argparse
 import importlib
