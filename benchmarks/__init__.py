@@ -1,0 +1,1 @@
+"""tx_kernels benchmark suite: python -m benchmarks.run (see run.py and common.py)."""

@@ -43,40 +43,61 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// The 32 words of counters g .. g + 7, in element order (4 * (g + l) + i at index 4 * l + i).
-inline void philox_words32(const DropoutRng& rng, uint64_t g, __m256i out[4]) {
-  alignas(32) uint32_t lo[8], hi[8];
-  for (int l = 0; l < 8; ++l) {
-    lo[l] = static_cast<uint32_t>(g + l);
-    hi[l] = static_cast<uint32_t>((g + l) >> 32);
-  }
-  __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-  __m256i y = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-  __m256i z = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
-  __m256i w = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
-  uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int round = 0; round < 10; ++round) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(x, m0, hi0, lo0);
-    mulhilo8(z, m1, hi1, lo1);
-    x = _mm256_xor_si256(_mm256_xor_si256(hi1, y), _mm256_set1_epi32(static_cast<int>(k0)));
-    z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), _mm256_set1_epi32(static_cast<int>(k1)));
-    y = lo1;
-    w = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // 4 x 8 transpose: (x, y, z, w) of lane l become 4 consecutive words.
-  const __m256i xy_lo = _mm256_unpacklo_epi32(x, y), xy_hi = _mm256_unpackhi_epi32(x, y);
-  const __m256i zw_lo = _mm256_unpacklo_epi32(z, w), zw_hi = _mm256_unpackhi_epi32(z, w);
+// Philox state of 8 counters (one per 32-bit lane).
+struct Philox8 {
+  __m256i x, y, z, w;
+};
+
+// Counters g .. g + 7: (lo(g + l), hi(g + l), offset lo, offset hi), built in registers (a scalar
+// fill of a stack array would stall on store forwarding).
+inline Philox8 philox8_counters(const DropoutRng& rng, uint64_t g) {
+  const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g)));
+  const __m256i lo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i no_wrap = _mm256_cmpeq_epi32(_mm256_max_epu32(lo, base), lo);  // lo >= base
+  const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32))),
+                                      _mm256_andnot_si256(no_wrap, _mm256_set1_epi32(-1)));
+  return Philox8{lo, hi, _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset))),
+                 _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)))};
+}
+
+inline void philox8_round(Philox8& s, __m256i k0, __m256i k1) {
+  __m256i hi0, lo0, hi1, lo1;
+  mulhilo8(s.x, _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), hi0, lo0);
+  mulhilo8(s.z, _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u)), hi1, lo1);
+  s.x = _mm256_xor_si256(_mm256_xor_si256(hi1, s.y), k0);
+  s.z = _mm256_xor_si256(_mm256_xor_si256(hi0, s.w), k1);
+  s.y = lo1;
+  s.w = lo0;
+}
+
+// Writes the keep multipliers of the 32 elements of state s (lane l: elements 4l .. 4l + 3) to
+// m[0..32) in element order: a 4 x 8 transpose, then word >= threshold ? scale : 0.
+inline void philox8_multipliers(const Philox8& s, __m256i thr, __m256 scale, float* m) {
+  const __m256i xy_lo = _mm256_unpacklo_epi32(s.x, s.y), xy_hi = _mm256_unpackhi_epi32(s.x, s.y);
+  const __m256i zw_lo = _mm256_unpacklo_epi32(s.z, s.w), zw_hi = _mm256_unpackhi_epi32(s.z, s.w);
   const __m256i l04 = _mm256_unpacklo_epi64(xy_lo, zw_lo), l15 = _mm256_unpackhi_epi64(xy_lo, zw_lo);
   const __m256i l26 = _mm256_unpacklo_epi64(xy_hi, zw_hi), l37 = _mm256_unpackhi_epi64(xy_hi, zw_hi);
-  out[0] = _mm256_permute2x128_si256(l04, l15, 0x20);  // lanes 0, 1
-  out[1] = _mm256_permute2x128_si256(l26, l37, 0x20);  // lanes 2, 3
-  out[2] = _mm256_permute2x128_si256(l04, l15, 0x31);  // lanes 4, 5
-  out[3] = _mm256_permute2x128_si256(l26, l37, 0x31);  // lanes 6, 7
+  const __m256i words[4] = {_mm256_permute2x128_si256(l04, l15, 0x20),   // lanes 0, 1
+                            _mm256_permute2x128_si256(l26, l37, 0x20),   // lanes 2, 3
+                            _mm256_permute2x128_si256(l04, l15, 0x31),   // lanes 4, 5
+                            _mm256_permute2x128_si256(l26, l37, 0x31)};  // lanes 6, 7
+  for (int q = 0; q < 4; ++q) {
+    // unsigned word >= threshold  <=>  max(word, threshold) == word
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[q], thr), words[q]);
+    _mm256_storeu_ps(m + 8 * q, _mm256_and_ps(_mm256_castsi256_ps(keep), scale));
+  }
+}
+
+// Stores the 32 multipliers m of elements 4g .. 4g + 31 into out (element e at out[e - first]),
+// clipped to [0, n).
+inline void place32(const float* m, uint64_t g, uint64_t first, int64_t n, float* out) {
+  const int64_t base = static_cast<int64_t>(4 * g) - static_cast<int64_t>(first);
+  if (base >= 0 && base + 32 <= n) {
+    std::memcpy(out + base, m, 32 * sizeof(float));
+  } else {
+    const int64_t i0 = std::max<int64_t>(0, -base), i1 = std::min<int64_t>(32, n - base);
+    for (int64_t i = i0; i < i1; ++i) out[base + i] = m[i];
+  }
 }
 #endif
 
@@ -87,23 +108,35 @@ void dropout_multipliers(const DropoutRng& rng, uint64_t first, int64_t n, uint3
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 vscale = _mm256_set1_ps(scale);
   const __m256i vthr = _mm256_set1_epi32(static_cast<int>(threshold));
+  alignas(32) float m[64];
+  __m256i key0[10], key1[10];  // the round keys, the same for every counter
+  {
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      key0[round] = _mm256_set1_epi32(static_cast<int>(k0));
+      key1[round] = _mm256_set1_epi32(static_cast<int>(k1));
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+  }
+  // Two independent 8-counter states per iteration: one state's 10 rounds are a serial chain of
+  // multiplies, so interleaving two keeps the multipliers busy.
+  for (; g + 16 <= g_end; g += 16) {
+    Philox8 a = philox8_counters(rng, g), b = philox8_counters(rng, g + 8);
+    for (int round = 0; round < 10; ++round) {
+      philox8_round(a, key0[round], key1[round]);
+      philox8_round(b, key0[round], key1[round]);
+    }
+    philox8_multipliers(a, vthr, vscale, m);
+    philox8_multipliers(b, vthr, vscale, m + 32);
+    place32(m, g, first, n, out);
+    place32(m + 32, g + 8, first, n, out);
+  }
   for (; g + 8 <= g_end; g += 8) {
-    __m256i words[4];
-    philox_words32(rng, g, words);
-    alignas(32) float m[32];
-    for (int q = 0; q < 4; ++q) {
-      // unsigned word >= threshold  <=>  max(word, threshold) == word
-      const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[q], vthr), words[q]);
-      _mm256_store_ps(m + 8 * q, _mm256_and_ps(_mm256_castsi256_ps(keep), vscale));
-    }
-    // Element 4 * g + i lands at out[4 * g + i - first] when it is in range.
-    const int64_t base = static_cast<int64_t>(4 * g) - static_cast<int64_t>(first);
-    if (base >= 0 && base + 32 <= n) {
-      std::memcpy(out + base, m, sizeof(m));
-    } else {
-      const int64_t i0 = std::max<int64_t>(0, -base), i1 = std::min<int64_t>(32, n - base);
-      for (int64_t i = i0; i < i1; ++i) out[base + i] = m[i];
-    }
+    Philox8 a = philox8_counters(rng, g);
+    for (int round = 0; round < 10; ++round) philox8_round(a, key0[round], key1[round]);
+    philox8_multipliers(a, vthr, vscale, m);
+    place32(m, g, first, n, out);
   }
 #endif
   for (; g < g_end; ++g) {

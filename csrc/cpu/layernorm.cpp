@@ -87,6 +87,12 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       T* ro = residual ? residual_out + r * cols : nullptr;
       T* y = out + r * cols;
       const bool nt_ro = stream && res && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
+      // The input two rows ahead is prefetched, a cache line per block, while this row's output
+      // is computed from the L1-resident buffer: otherwise memory reads sit idle during the two
+      // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
+      const bool prefetch = r + 2 < r1;
+      const char* ahead_x = reinterpret_cast<const char*>(x + 2 * p.input_row_stride);
+      const char* ahead_res = res ? reinterpret_cast<const char*>(res + 2 * p.residual_row_stride) : nullptr;
 
       // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
       // row buffer and to the sum (see row_mean, which must match this order for fp64).
@@ -154,6 +160,12 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       // out = (s - mean) * rstd * w + b, written once.
       const AVec rs(rstd);
       for (c = 0; c < full; c += K) {
+        if (prefetch) {
+          for (int64_t off = c * int64_t(sizeof(T)); off < (c + K) * int64_t(sizeof(T)); off += 64) {
+            detail::prefetch(ahead_x + off);
+            if (ahead_res) detail::prefetch(ahead_res + off);
+          }
+        }
         a = at::vec::fmadd((AVec::loadu(buf + c) - m) * rs, AVec::loadu(w + c), AVec::loadu(bb + c));
         b = at::vec::fmadd((AVec::loadu(buf + c + L) - m) * rs, AVec::loadu(w + c + L),
                            AVec::loadu(bb + c + L));

@@ -172,6 +172,15 @@ inline Vectorized<float> erf_fast(const Vectorized<float>& x) {
 }
 inline Vectorized<double> erf_fast(const Vectorized<double>& x) { return x.erf(); }
 
+// Software prefetch of one cache line (a hint; nothing without SSE).
+inline void prefetch(const void* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
 // Sum of the lanes in a fixed order (deterministic).
 template <typename Acc>
 inline Acc hsum(const Vectorized<Acc>& v) {
