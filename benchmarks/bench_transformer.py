@@ -1,7 +1,8 @@
 """Whole layers and models: tx_kernels against torch.nn and Hugging Face.
 
-Cases (same dict interface as bench_attention.cases: op, provider, mode, dtype, shape, setup, fn,
-flops, baseline; generation rows carry `work` tokens and `unit` "tokens/s" instead of flops):
+Cases (the builders return dicts: op, provider, mode, dtype, shape, setup -> inputs, fn(inputs),
+flops, baseline; generation rows carry `work` tokens and `unit` "tokens/s" instead of flops;
+cases(ctx) turns them into benchmarks.common.Case):
 - encoder_layer fwd_bwd (train mode, dropout 0): tx_kernels.nn.TransformerEncoderLayer vs
   torch.nn.TransformerEncoderLayer (provider torch_nn);
 - encoder_layer fwd (eval + no_grad): the same, where torch runs its native fused fast path
@@ -14,26 +15,16 @@ FLOPs: encoder layer forward = 2*N*L*(4*d^2 + 2*d*ff) (projections, FFN) + 4*N*L
 backward 2x forward. GPT-2 step = 6 * (non-embedding parameters) * tokens + attention 12*n_layer*L*d
 per token (Kaplan et al.), plus 6*d*V*tokens for the LM head.
 
-Standalone: python benchmarks/bench_transformer.py [--quick] [--compile] [--out FILE.csv]
-(the default CPU run takes well under a minute on 2 idle cores).
+Run with the suite: python -m benchmarks.run --only transformer [--quick] [--compile]
 """
-import argparse
-import csv
-import datetime
-import os
-import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tx_kernels.nn as tnn  # noqa: E402
-from tx_kernels.models import GPT2LMHeadModel  # noqa: E402
-
-COLUMNS = ["op", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
-           "device", "torch", "commit", "date"]
+import tx_kernels.nn as tnn
+from benchmarks.common import Case, lazy_inputs
+from tx_kernels.models import GPT2LMHeadModel
 
 
 def encoder_flops(N, L, d, ff, mode):
@@ -154,72 +145,12 @@ def _gpt2_cases(device, quick, compile_hf):
     return out
 
 
-def cases(device="cpu", quick=False, compile_hf=None):
-    if compile_hf is None:
-        compile_hf = device == "cuda"
-    return _encoder_cases(device, quick) + _gpt2_cases(device, quick, compile_hf)
-
-
-# ------------------------------------------------------------------------------------------------
-# Standalone runner (the suite's benchmarks/run.py drives cases() itself).
-# ------------------------------------------------------------------------------------------------
-def _time(case, device, reps, warmup):
-    inputs = case["setup"]()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        case["fn"](inputs)
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        case["fn"](inputs)
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return q(0.5), q(0.2), q(0.8)
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the HF model (slow on CPU)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="CSV file to append rows to")
-    args = ap.parse_args()
-    device = args.device
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    rows = []
-    for case in cases(device, args.quick, args.compile or None):
-        med, p20, p80 = _time(case, device, args.reps, warmup=2)
-        if case.get("flops"):
-            thr, unit = case["flops"] / (med * 1e-3) / 1e12, "TFLOP/s"
-        else:
-            thr, unit = case["work"] / (med * 1e-3), case["unit"]
-        rows.append(dict(op=case["op"], provider=case["provider"], mode=case["mode"], dtype=case["dtype"],
-                         shape=case["shape"], median_ms=f"{med:.3f}", p20_ms=f"{p20:.3f}", p80_ms=f"{p80:.3f}",
-                         throughput=f"{thr:.4g}", unit=unit, device=dev_name, torch=torch.__version__,
-                         commit=_commit(), date=datetime.date.today().isoformat()))
-        r = rows[-1]
-        print(f"{r['op']:16s} {r['provider']:12s} {r['mode']:8s} {r['median_ms']:>10s} ms  "
-              f"{r['throughput']:>8s} {unit:8s} {r['shape']}", flush=True)
-    if args.out:
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-
-
-if __name__ == "__main__":
-    main()
+def cases(ctx):
+    compile_hf = ctx.compile or ctx.device == "cuda"
+    out = []
+    for c in _encoder_cases(ctx.device, ctx.quick) + _gpt2_cases(ctx.device, ctx.quick, compile_hf):
+        setup, fn = lazy_inputs(c["setup"], c["fn"])
+        out.append(Case(c["op"], c["provider"], c["mode"], c["dtype"], c["shape"], fn,
+                        flops=c.get("flops"), work=c.get("work"), work_unit=c.get("unit", ""),
+                        baseline=c["baseline"], setup=setup))
+    return out

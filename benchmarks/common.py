@@ -87,6 +87,8 @@ class Case:
     flops: Optional[float] = None  # floating-point operations per call (GEMMs, attention)
     baseline: str = "torch_eager"
     setup: Optional[Callable[[], None]] = None  # run once before warm-up (e.g. compilation)
+    work: Optional[float] = None  # other work per call (e.g. generated tokens), with work_unit
+    work_unit: str = ""           # e.g. "tokens/s"
 
 
 @dataclass
@@ -222,6 +224,8 @@ def throughput_of(case: Case, median_ms: float, device: str):
         return case.flops / seconds / 1e9, "GFLOP/s"
     if case.bytes is not None:
         return case.bytes / seconds / 1e9, "GB/s"
+    if case.work is not None:
+        return case.work / seconds, case.work_unit
     return float("nan"), ""
 
 
@@ -295,7 +299,10 @@ def format_table(rows: List[Row]) -> str:
     for key, members in groups.items():
         base = {m.provider: m for m in members}.get(members[0].baseline)
         for m in members:
-            ratio = f"{base.median_ms / m.median_ms:.2f}x" if base is not None and m.median_ms > 0 else "-"
+            timed = m.median_ms == m.median_ms  # NaN for rows that are not timings (memory)
+            ratio = f"{base.median_ms / m.median_ms:.2f}x" if base is not None and timed and m.median_ms > 0 else "-"
+            if not timed and base is not None and m.throughput > 0:
+                ratio = f"{m.throughput / base.throughput:.2f}x mem"
             if base is not None and m is base:
                 ratio = "base"
             tp = f"{m.throughput:.1f} {m.unit}" if m.unit and m.throughput == m.throughput else "-"
@@ -360,3 +367,30 @@ def grad_fn_case(forward, leaves, grad_out_like=None):
         return torch.autograd.grad(first(forward(*leaves)), leaves, g)
 
     return fwd, bwd, fwd_bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs built when a case runs, shared by the cases that follow with the same builder
+# ----------------------------------------------------------------------------------------------
+_live_inputs = {}
+
+
+def lazy_inputs(make: Callable[[], object], run: Callable[[object], object]):
+    """(setup, fn) for a Case whose inputs come from make() and whose timed work is run(inputs).
+
+    Inputs are built in the case's setup, not when the case list is made, and the inputs of the
+    previous builder are dropped first: only one set is alive at a time, however many shapes the
+    suite covers (GPU attention inputs at 16k tokens are hundreds of MB per shape). Consecutive
+    cases passing the same `make` (providers and modes of one shape) share one set.
+    """
+    def setup():
+        if _live_inputs.get("make") is not make:
+            _live_inputs.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _live_inputs["make"], _live_inputs["inputs"] = make, make()
+
+    def fn():
+        return run(_live_inputs["inputs"])
+
+    return setup, fn

@@ -82,6 +82,11 @@ def main(argv=None):
             continue
         print(f"# {name}: {len(case_list)} cases", file=sys.stderr, flush=True)
         rows += common.run_cases(case_list, ctx, budget)
+        if hasattr(mod, "extra_rows"):  # measurements that are not timings (e.g. peak memory)
+            try:
+                rows += mod.extra_rows(ctx)
+            except Exception as exc:
+                print(f"# {name}: extra rows failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"# {name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         del case_list
 

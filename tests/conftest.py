@@ -1,4 +1,7 @@
 """Shared test utilities: error measurement against references and device selection."""
+import ctypes
+import os
+
 import pytest
 import torch
 
@@ -42,3 +45,18 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture
+def poison():
+    """Poisoned outputs on the CPU: c10's allocator fills every new allocation with a junk pattern
+    (NaN as fp32, ~1.7e308 as fp64) while this fixture is active, so an output element a kernel
+    fails to write shows up as a huge error against the reference. (CUDA tests poison through the
+    caching allocator instead; see tests/test_cuda_*.py.)"""
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
+    old = flag.value
+    flag.value = True
+    assert torch.empty(4).isnan().all(), "junk fill did not take effect"
+    yield
+    flag.value = old

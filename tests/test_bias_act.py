@@ -1,7 +1,5 @@
 """tx_kernels bias + activation (+ dropout), forward and backward, against float64 references."""
-import ctypes
 import math
-import os
 
 import numpy as np
 import pytest
@@ -17,16 +15,6 @@ from conftest import assert_within_torch_error, devices, max_abs_err, rel_err
 ACTS = ["relu", "gelu", "gelu_tanh"]
 
 
-@pytest.fixture
-def poison():
-    """c10's CPU allocator fills new allocations with junk (NaN as fp32): unwritten outputs show."""
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
-    old = flag.value
-    flag.value = True
-    assert torch.empty(4).isnan().all(), "junk fill did not take effect"
-    yield
-    flag.value = old
 
 
 def _torch_act(x, act):
