@@ -25,6 +25,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "dispatch.h"
 #include "gemm.h"
 #include "kernels.h"
 
@@ -384,30 +385,16 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   });
 }
 
-template <template <typename> class Fn, typename Params>
-void dispatch_dtype(DType dtype, const Params& p) {
-  switch (dtype) {
-    case DType::kFloat32: return Fn<float>::run(p);
-    case DType::kFloat64: return Fn<double>::run(p);
-    case DType::kBFloat16: return Fn<c10::BFloat16>::run(p);
-    case DType::kFloat16: return Fn<c10::Half>::run(p);
-    default: TORCH_CHECK_TYPE(false, "tx_kernels: unsupported dtype for CPU attention");
-  }
-}
-
-template <typename T>
-struct FwdFn {
-  static void run(const AttentionParams& p) { attention_fwd_impl<T>(p); }
-};
-template <typename T>
-struct BwdFn {
-  static void run(const AttentionBwdParams& p) { attention_bwd_impl<T>(p); }
-};
-
 }  // namespace
 
-void attention_fwd(const AttentionParams& params) { dispatch_dtype<FwdFn>(params.dtype, params); }
+void attention_fwd(const AttentionParams& params) {
+  dispatch_floating(params.dtype, "attention",
+                    [&](auto tag) { attention_fwd_impl<decltype(tag)>(params); });
+}
 
-void attention_bwd(const AttentionBwdParams& params) { dispatch_dtype<BwdFn>(params.dtype, params); }
+void attention_bwd(const AttentionBwdParams& params) {
+  dispatch_floating(params.dtype, "attention backward",
+                    [&](auto tag) { attention_bwd_impl<decltype(tag)>(params); });
+}
 
 }  // namespace tx_kernels::cpu

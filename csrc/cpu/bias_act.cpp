@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -408,23 +409,13 @@ void bias_act_bwd_typed(const BiasActBwdParams& p) {
 }  // namespace
 
 void bias_act_fwd(const BiasActParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: return bias_act_fwd_typed<float>(params);
-    case DType::kFloat64: return bias_act_fwd_typed<double>(params);
-    case DType::kBFloat16: return bias_act_fwd_typed<c10::BFloat16>(params);
-    case DType::kFloat16: return bias_act_fwd_typed<c10::Half>(params);
-    default: TORCH_CHECK_TYPE(false, "tx_kernels: bias_act: unsupported dtype");
-  }
+  dispatch_floating(params.dtype, "bias_act",
+                    [&](auto tag) { bias_act_fwd_typed<decltype(tag)>(params); });
 }
 
 void bias_act_bwd(const BiasActBwdParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: return bias_act_bwd_typed<float>(params);
-    case DType::kFloat64: return bias_act_bwd_typed<double>(params);
-    case DType::kBFloat16: return bias_act_bwd_typed<c10::BFloat16>(params);
-    case DType::kFloat16: return bias_act_bwd_typed<c10::Half>(params);
-    default: TORCH_CHECK_TYPE(false, "tx_kernels: bias_act backward: unsupported dtype");
-  }
+  dispatch_floating(params.dtype, "bias_act backward",
+                    [&](auto tag) { bias_act_bwd_typed<decltype(tag)>(params); });
 }
 
 }  // namespace tx_kernels::cpu

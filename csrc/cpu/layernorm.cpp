@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernels.h"
 #include "vec_io.h"
 
@@ -325,23 +326,13 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
 }  // namespace
 
 void layer_norm_fwd(const LayerNormParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: return layer_norm_fwd_impl<float>(params);
-    case DType::kFloat64: return layer_norm_fwd_impl<double>(params);
-    case DType::kBFloat16: return layer_norm_fwd_impl<c10::BFloat16>(params);
-    case DType::kFloat16: return layer_norm_fwd_impl<c10::Half>(params);
-    default: TORCH_CHECK_TYPE(false, "tx_kernels: layer_norm: unsupported dtype");
-  }
+  dispatch_floating(params.dtype, "layer_norm",
+                    [&](auto tag) { layer_norm_fwd_impl<decltype(tag)>(params); });
 }
 
 void layer_norm_bwd(const LayerNormBwdParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: return layer_norm_bwd_impl<float>(params);
-    case DType::kFloat64: return layer_norm_bwd_impl<double>(params);
-    case DType::kBFloat16: return layer_norm_bwd_impl<c10::BFloat16>(params);
-    case DType::kFloat16: return layer_norm_bwd_impl<c10::Half>(params);
-    default: TORCH_CHECK_TYPE(false, "tx_kernels: layer_norm backward: unsupported dtype");
-  }
+  dispatch_floating(params.dtype, "layer_norm backward",
+                    [&](auto tag) { layer_norm_bwd_impl<decltype(tag)>(params); });
 }
 
 }  // namespace tx_kernels::cpu
