@@ -24,9 +24,11 @@ of the file name after bench_) and should keep its default run short on CPU (see
 
 Timing
 ------
-Each case is warmed up, then run `reps` times; the median and the 20th/80th percentiles of the
-per-run times are reported. CUDA runs are timed with CUDA events around each call (the queue is
-kept busy, nothing else is synchronized inside the loop); CPU runs with time.perf_counter.
+Cases compared with each other (same op, mode, dtype and shape) are warmed up, then timed in
+interleaved rounds, one call of each per round in a rotating order, so that a machine whose speed
+drifts (shared cores, a noisy neighbour, throttling) charges the drift to all providers alike; the
+median and the 20th/80th percentiles of the per-call times are reported. CUDA calls are timed with
+CUDA events around each call; CPU calls with time.perf_counter.
 
 Allocation
 ----------
@@ -179,14 +181,10 @@ def _percentile(sorted_values, q):
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def measure(fn, device: str, budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 200,
-            warmup_s: float = 0.1, min_warmup: int = 2):
-    """(median, p20, p80) in ms of fn's time per call, spending about budget_s seconds."""
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # Warm-up: at least min_warmup calls and warmup_s seconds (caches, allocator, lazy init,
-    # torch.compile's first-call compilation). The repetition count comes from the fastest
-    # warm-up call, so a slow first call (compilation) does not shrink it.
+def _warm_up(fn, sync, warmup_s: float, min_warmup: int) -> float:
+    """Calls fn until min_warmup calls and warmup_s seconds have passed (caches, allocator, lazy
+    init, torch.compile's first-call compilation); returns the fastest call's seconds, from which
+    the repetition count is sized, so a slow first call (compilation) does not shrink it."""
     start, n, per_call = time.perf_counter(), 0, float("inf")
     while n < min_warmup or time.perf_counter() - start < warmup_s:
         t0 = time.perf_counter()
@@ -196,24 +194,47 @@ def measure(fn, device: str, budget_s: float = 1.0, min_reps: int = 5, max_reps:
         n += 1
         if n >= 50:
             break
-    reps = int(max(min_reps, min(max_reps, budget_s / max(per_call, 1e-6))))
-    times = []
-    if cuda:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for s, e in events:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+    return per_call
+
+
+def measure_interleaved(fns, device: str, budget_s: float = 1.0, min_reps: int = 5,
+                        max_reps: int = 200, warmup_s: float = 0.1, min_warmup: int = 2):
+    """[(median, p20, p80)] in ms per call of each of fns, timed in interleaved rounds.
+
+    Each round calls every fn once, in an order rotated from round to round, so all of them see
+    the same machine: on a shared or throttling machine the speed drifts over seconds, and timing
+    one provider after the other would charge that drift to whichever ran in the slow stretch.
+    Rounds: about budget_s / (slowest call) but within [min_reps, max_reps].
+    """
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    slowest = max(_warm_up(fn, sync, warmup_s, min_warmup) for fn in fns)
+    reps = int(max(min_reps, min(max_reps, budget_s / max(slowest, 1e-6))))
+    times = [[] for _ in fns]
+    for r in range(reps):
+        order = [(r + j) % len(fns) for j in range(len(fns))]
+        for j in order:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[j]()
+                end.record()
+                end.synchronize()
+                times[j].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fns[j]()
+                times[j].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for t in times:
+        t.sort()
+        out.append((statistics.median(t), _percentile(t, 0.2), _percentile(t, 0.8)))
+    return out
+
+
+def measure(fn, device: str, budget_s: float = 1.0, **kwargs):
+    """(median, p20, p80) in ms of one fn's time per call."""
+    return measure_interleaved([fn], device, budget_s, **kwargs)[0]
 
 
 def throughput_of(case: Case, median_ms: float, device: str):
@@ -230,27 +251,50 @@ def throughput_of(case: Case, median_ms: float, device: str):
 
 
 def run_cases(case_list: List[Case], ctx: Context, budget_s: float, progress=True) -> List[Row]:
+    """Times the cases, interleaving those compared with each other: same (op, mode, dtype, shape)."""
     dev = device_name(ctx.device)
     meta = dict(device=dev, torch=torch.__version__, commit=git_commit(), date=now_iso())
-    rows = []
-    for i, case in enumerate(case_list, 1):
-        label = f"{case.op} {case.mode} {case.dtype} {case.shape} {case.provider}"
+    groups = {}
+    for case in case_list:
+        groups.setdefault((case.op, case.mode, case.dtype, case.shape), []).append(case)
+    rows, done = [], 0
+    for (op, mode, dtype, shape), members in groups.items():
         if progress:
-            print(f"[{i}/{len(case_list)}] {label} ...", end="", file=sys.stderr, flush=True)
+            names = ", ".join(c.provider for c in members)
+            print(f"[{done + 1}-{done + len(members)}/{len(case_list)}] {op} {mode} {dtype} {shape}: {names} ...",
+                  end="", file=sys.stderr, flush=True)
+        done += len(members)
+        ready = []
+        for case in members:  # one broken provider must not sink the others or the suite
+            try:
+                if case.setup is not None:
+                    case.setup()
+                ready.append(case)
+            except Exception as exc:
+                print(f" {case.provider} setup FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         try:
-            if case.setup is not None:
-                case.setup()
-            med, p20, p80 = measure(case.fn, ctx.device, budget_s=budget_s)
-        except Exception as exc:  # one broken provider must not sink the whole suite
+            results = measure_interleaved([c.fn for c in ready], ctx.device, budget_s=budget_s * len(ready))
+        except Exception:
+            results = []
+            for case in ready:  # find the broken one: time each alone
+                try:
+                    results.append(measure(case.fn, ctx.device, budget_s=budget_s))
+                except Exception as exc:
+                    print(f" {case.provider} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                    results.append(None)
+        for case, res in zip(ready, results):
+            if res is None:
+                continue
+            med, p20, p80 = res
+            tp, unit = throughput_of(case, med, ctx.device)
+            rows.append(Row(case.op, case.provider, case.mode, case.dtype, case.shape, round(med, 4),
+                            round(p20, 4), round(p80, 4), round(tp, 3) if tp == tp else float("nan"),
+                            unit, baseline=case.baseline, **meta))
             if progress:
-                print(f" FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            continue
-        tp, unit = throughput_of(case, med, ctx.device)
-        rows.append(Row(case.op, case.provider, case.mode, case.dtype, case.shape, round(med, 4),
-                        round(p20, 4), round(p80, 4), round(tp, 3) if tp == tp else float("nan"),
-                        unit, baseline=case.baseline, **meta))
+                print(f" {case.provider} {med:.3f} ms", end="", file=sys.stderr, flush=True)
+        release_inputs()
         if progress:
-            print(f" {med:.3f} ms" + (f"  {tp:.1f} {unit}" if unit else ""), file=sys.stderr, flush=True)
+            print("", file=sys.stderr, flush=True)
     return rows
 
 
@@ -378,19 +422,22 @@ _live_inputs = {}
 def lazy_inputs(make: Callable[[], object], run: Callable[[object], object]):
     """(setup, fn) for a Case whose inputs come from make() and whose timed work is run(inputs).
 
-    Inputs are built in the case's setup, not when the case list is made, and the inputs of the
-    previous builder are dropped first: only one set is alive at a time, however many shapes the
-    suite covers (GPU attention inputs at 16k tokens are hundreds of MB per shape). Consecutive
-    cases passing the same `make` (providers and modes of one shape) share one set.
+    Inputs are built in the case's setup, not when the case list is made, and run_cases releases
+    them once the cases compared with each other are timed: only one comparison's inputs are alive
+    at a time, however many shapes the suite covers (GPU attention inputs at 16k tokens are
+    hundreds of MB per shape). Cases passing the same `make` (providers of one shape) share them.
     """
     def setup():
-        if _live_inputs.get("make") is not make:
-            _live_inputs.clear()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            _live_inputs["make"], _live_inputs["inputs"] = make, make()
+        if make not in _live_inputs:
+            _live_inputs[make] = make()
 
     def fn():
-        return run(_live_inputs["inputs"])
+        return run(_live_inputs[make])
 
     return setup, fn
+
+
+def release_inputs():
+    _live_inputs.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -285,3 +285,25 @@ def test_autocast_runs_in_the_autocast_dtype():
         torch_out = F.scaled_dot_product_attention(q, k, v)
     assert out.dtype == torch_out.dtype == torch.bfloat16
     assert_within_torch_error(out, torch_out, R.attention(q.double(), k.double(), v.double()))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_key_padding_spanning_whole_key_blocks(device, kind):
+    # Sequence 0 keeps 100 of 600 keys: whole blocks of keys are masked for every query and skipped.
+    N, H, L, S, E = 2, 2, 70, 600, 16
+    q, k, v = _inputs((N, H, H, L, S, E, E), torch.float64 if device == "cpu" else torch.float32, device)
+    keep = torch.arange(S, device=device)[None, :] < torch.tensor([100, 600], device=device)[:, None]
+    mask = keep.view(N, 1, 1, S)
+    if kind == "additive":
+        mask = torch.zeros(N, 1, 1, S, dtype=q.dtype, device=device).masked_fill(~mask, float("-inf"))
+    out = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = R.attention(q64, k64, v64, mask if kind == "bool" else mask.double())
+    assert rel_err(out, ref) < 1e-5
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q64, k64, v64), grad.double())):
+        assert rel_err(g, w) < 1e-4
+    # Keys no query may see get exactly zero gradient.
+    dk = torch.autograd.grad(TF.scaled_dot_product_attention(q, k, v, attn_mask=mask), k, grad)[0]
+    assert (dk[0, :, 100:] == 0).all()

@@ -73,6 +73,8 @@ const acc_t* tile(const scalar_t* base, int64_t ld, int64_t rows, int64_t cols, 
 }
 
 // Adds the mask for one query row to `scores` (additive) or sets disallowed scores to -inf (bool).
+// Rows of a mask are usually contiguous along the keys (stride 1): those take branch-free loops
+// the compiler vectorizes; a broadcast or strided key dimension takes the general loop.
 template <typename acc_t>
 void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, int64_t j0,
                     int64_t cols, acc_t* scores) {
@@ -80,13 +82,21 @@ void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, i
                       j0 * p.mask_stride[3];
   const int64_t st = p.mask_stride[3];
   auto add = [&](auto* m) {
-    for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c * st]);
+    if (st == 1) {
+      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c * st]);
+    }
   };
   switch (p.mask_dtype) {
     case DType::kBool: {
-      const bool* m = static_cast<const bool*>(p.mask) + off;
-      for (int64_t c = 0; c < cols; ++c) {
-        if (!m[c * st]) scores[c] = neg_inf<acc_t>();
+      // Read as bytes: a bool tensor holds 0 or 1 per element.
+      const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+      const acc_t ninf = neg_inf<acc_t>();
+      if (st == 1) {
+        for (int64_t c = 0; c < cols; ++c) scores[c] = m[c] ? scores[c] : ninf;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) scores[c] = m[c * st] ? scores[c] : ninf;
       }
       break;
     }
@@ -97,15 +107,44 @@ void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, i
   }
 }
 
-// Scores of query row i over keys [j0, j0 + cols): mask, then causal (key j > i is disallowed).
+// The mask and causality for one block of keys [j0, j0 + cols) of one (n, h). A mask that is the
+// same for every query (stride 0 along queries: key padding, the most common mask) is converted
+// once per block into an additive bias row (0 or -inf for bool) and added with a vector loop.
 template <typename acc_t>
-void mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, int64_t j0, int64_t cols,
-              acc_t* scores) {
-  if (p.mask_kind != MaskKind::kNone) apply_mask_row(p, n, h, i, j0, cols, scores);
-  if (p.is_causal) {
-    for (int64_t c = std::max<int64_t>(i + 1 - j0, 0); c < cols; ++c) scores[c] = neg_inf<acc_t>();
+class BlockMask {
+ public:
+  BlockMask(const AttentionParams& p, int64_t n, int64_t h, int64_t j0, int64_t cols, acc_t* buffer)
+      : p_(p), n_(n), h_(h), j0_(j0), cols_(cols) {
+    if (p.mask_kind != MaskKind::kNone && p.mask_stride[2] == 0) {
+      std::fill(buffer, buffer + cols, acc_t(0));
+      apply_mask_row(p, n, h, 0, j0, cols, buffer);
+      shared_ = buffer;
+      all_masked_ = std::all_of(buffer, buffer + cols, [](acc_t x) { return x == neg_inf<acc_t>(); });
+    }
   }
-}
+
+  // Every score of the block is masked for every query (padding past a sequence's end): the block
+  // contributes nothing and is skipped, GEMMs included.
+  bool all_masked() const { return all_masked_; }
+
+  // Scores of query row i: mask, then causal (key j > i is disallowed).
+  void apply(int64_t i, acc_t* scores) const {
+    if (shared_ != nullptr) {
+      at::vec::map2([](auto a, auto b) { return a + b; }, scores, scores, shared_, cols_);
+    } else if (p_.mask_kind != MaskKind::kNone) {
+      apply_mask_row(p_, n_, h_, i, j0_, cols_, scores);
+    }
+    if (p_.is_causal) {
+      for (int64_t c = std::max<int64_t>(i + 1 - j0_, 0); c < cols_; ++c) scores[c] = neg_inf<acc_t>();
+    }
+  }
+
+ private:
+  const AttentionParams& p_;
+  int64_t n_, h_, j0_, cols_;
+  const acc_t* shared_ = nullptr;
+  bool all_masked_ = false;
+};
 
 // The dropout factor (0 or 1 / (1 - p)) of each of `cols` consecutive elements starting at flat
 // index idx0, from the Philox stream shared with the CUDA kernels.
@@ -195,7 +234,7 @@ void attention_fwd_impl(const AttentionParams& p) {
   auto* out_all = static_cast<scalar_t*>(p.out);
 
   at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(bq * bk), acc(bq * Ev), m(bq), l(bq), factor(dropout ? bk : 0);
+    std::vector<acc_t> scores(bq * bk), acc(bq * Ev), m(bq), l(bq), factor(dropout ? bk : 0), mask_buf(bk);
     std::vector<acc_t> q_buf(bq * E), k_buf(bk * E), v_buf(bk * Ev);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
@@ -215,13 +254,15 @@ void attention_fwd_impl(const AttentionParams& p) {
       const int64_t kv_end = kv_limit(p, i0, rows);
       for (int64_t j0 = 0; j0 < kv_end; j0 += bk) {
         const int64_t cols = std::min(bk, kv_end - j0);
+        const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
+        if (block_mask.all_masked()) continue;
         const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk);
         gemm<acc_t>(false, true, rows, cols, E, static_cast<acc_t>(p.scale), q, ldq, k, ldk,
                     acc_t(0), scores.data(), bk);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           acc_t* s = scores.data() + r * bk;
-          mask_row(p, n, h, i, j0, cols, s);
+          block_mask.apply(i, s);
           const acc_t new_max = std::max(m[r], row_max(s, cols));
           if (new_max == neg_inf<acc_t>()) {  // nothing allowed in this row so far
             std::fill(s, s + cols, acc_t(0));
@@ -283,7 +324,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   // same memory and the result does not depend on the thread count.
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dk_acc(S * E), dv_acc(S * Ev), dq_acc(bq * E), delta(bq);
-    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0);
+    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0), mask_buf(bk);
     std::vector<acc_t> q_buf(bq * E), do_buf(bq * Ev), o_row(Ev), k_buf(bk * E), v_buf(bk * Ev);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % Hkv, n = task / Hkv;
@@ -318,6 +359,8 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
           const int64_t kv_end = kv_limit(p, i0, rows);
           for (int64_t j0 = 0; j0 < kv_end; j0 += bk) {
             const int64_t cols = std::min(bk, kv_end - j0);
+            const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
+            if (block_mask.all_masked()) continue;  // P = 0 there: no gradient flows
             const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk);
             const acc_t* v = tile(v_nh + j0 * p.v_stride[2], p.v_stride[2], cols, Ev, v_buf.data(), &ldv);
             // P = exp(scale q k^T + mask - lse): the forward's probabilities, recomputed.
@@ -329,7 +372,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
                 std::fill(s, s + cols, acc_t(0));
                 continue;
               }
-              mask_row(p, n, h, i0 + r, j0, cols, s);
+              block_mask.apply(i0 + r, s);
               exp_shift_sum(s, cols, static_cast<acc_t>(row_lse));
             }
             // dV += P_drop^T dO, with P_drop the probabilities the forward multiplied V by.
