@@ -6,6 +6,10 @@ e = element size:
     fwd      4 N e   read x, r; write out, residual_out
     bwd      3 N e   read grad_out, x + r; write grad (x and r share it)
     fwd_bwd  7 N e
+Op "add_layer_norm_post" is the post-LN form, only layer_norm(x + r) (BERT, the original
+Transformer): tx_kernels.functional.add_layer_norm(..., return_residual=False) against exactly
+F.layer_norm(x + r); bytes fwd 3 N e (read x, r; write out), bwd 4 N e (read grad_out, x, r: the
+sum is recomputed; write grad), fwd_bwd 7 N e.
 Also a roofline row: op "copy", provider "torch", dst.copy_(src) of 2 N e bytes (read + write) on
 the largest shape, measured in the same run.
 """
@@ -35,6 +39,14 @@ def ours(x, r, w, b):
     return TF.add_layer_norm(x, r, (x.shape[-1],), w, b)
 
 
+def eager_post(x, r, w, b):
+    return F.layer_norm(x + r, (x.shape[-1],), w, b)
+
+
+def ours_post(x, r, w, b):
+    return TF.add_layer_norm(x, r, (x.shape[-1],), w, b, return_residual=False)
+
+
 def copy_case(shape, dtype, device):
     src = torch.randn(shape, device=device).to(dtype)
     dst = torch.empty_like(src)
@@ -61,6 +73,15 @@ def cases(ctx):
             for mode, call, nb in (("fwd", fwd, 4), ("bwd", bwd, 3), ("fwd_bwd", fwd_bwd, 7)):
                 out.append(Case("add_layer_norm", provider, mode, dtype_name(dtype), shape_str(shape), call,
                                 bytes=nb * n_bytes))
+        post = [("tx_kernels", ours_post), ("torch_eager", eager_post)]
+        compiled = maybe_compile(eager_post, ctx)
+        if compiled is not None:
+            post.append(("torch_compile", compiled))
+        for provider, fn in post:
+            fwd, bwd, fwd_bwd = grad_fn_case(fn, leaves)
+            for mode, call, nb in (("fwd", fwd, 3), ("bwd", bwd, 4), ("fwd_bwd", fwd_bwd, 7)):
+                out.append(Case("add_layer_norm_post", provider, mode, dtype_name(dtype), shape_str(shape),
+                                call, bytes=nb * n_bytes))
     big_shape, big_dtype = max(shapes_and_dtypes(ctx), key=lambda sd: torch.Size(sd[0]).numel())
     out.append(copy_case(big_shape, big_dtype, ctx.device))
     return out

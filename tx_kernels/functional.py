@@ -129,11 +129,15 @@ def add_layer_norm(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    *,
+    return_residual: bool = True,
+):
     """residual_out = input + residual; returns (layer_norm(residual_out), residual_out).
 
-    One pass over memory. Post-LN blocks use the first output; pre-LN blocks carry the second as
-    the new residual stream.
+    One pass over memory. Pre-LN blocks carry residual_out as the new residual stream. Post-LN
+    blocks need only the first output: with return_residual=False the sum is never written to
+    memory (a quarter less traffic) and only layer_norm(input + residual) is returned, the fused
+    form of F.layer_norm(input + residual, ...).
     """
     _require_tensor(input, "input")
     _require_tensor(residual, "residual")
@@ -143,8 +147,9 @@ def add_layer_norm(
         # to an fp32 residual stream under autocast).
         dtype = torch.promote_types(input.dtype, residual.dtype)
         input, residual = input.to(dtype), residual.to(dtype)
-    out, residual_out, _, _ = ops.add_layer_norm_fwd(input, residual, weight, bias, n, float(eps))
-    return out, residual_out
+    out, residual_out, _, _ = ops.add_layer_norm_fwd(input, residual, weight, bias, n, float(eps),
+                                                     bool(return_residual))
+    return (out, residual_out) if return_residual else out
 
 
 def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor], activation: str = "relu",

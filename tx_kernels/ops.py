@@ -100,16 +100,17 @@ def _layer_norm_fwd_fake(input, weight, bias, normalized_ndim, eps):
 
 
 @torch.library.register_fake("tx_kernels::add_layer_norm_fwd")
-def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps):
+def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps, return_residual=True):
     rows = _rows(input, normalized_ndim)
     stats = input.new_empty((rows,), dtype=torch.float32)
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
-    return out, torch.empty_like(out), stats, stats.clone()
+    residual_out = torch.empty_like(out) if return_residual else input.new_empty((0,))
+    return out, residual_out, stats, stats.clone()
 
 
 @torch.library.register_fake("tx_kernels::layer_norm_bwd")
 def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                         normalized_ndim):
+                         normalized_ndim, residual=None):
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
     grad_weight = torch.empty_like(weight) if weight is not None else input.new_empty((0,))
     grad_bias = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
@@ -137,24 +138,32 @@ torch.library.register_autograd("tx_kernels::layer_norm_fwd", _layer_norm_backwa
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    input, residual, weight, bias, normalized_ndim, eps = inputs
+    input, residual, weight, bias, normalized_ndim, eps, return_residual = inputs
     _, residual_out, mean, rstd = output
-    ctx.save_for_backward(residual_out, mean, rstd, weight, bias)
+    # The backward needs the normalized sum: the returned residual_out, or, when it was not
+    # written (post-LN), the two inputs, which the backward kernel sums as it reads them.
+    ctx.return_residual = return_residual
+    if return_residual:
+        ctx.save_for_backward(residual_out, None, mean, rstd, weight, bias)
+    else:
+        ctx.save_for_backward(input, residual, mean, rstd, weight, bias)
     ctx.normalized_ndim = normalized_ndim
     ctx.mark_non_differentiable(mean, rstd)
-    # An unused residual_out (post-LN blocks) then arrives as None instead of a materialized
-    # zeros tensor that the kernel would read for nothing (it halved the backward's speed on CPU).
+    # An unused residual_out must reach the backward as None, not as a zeros tensor to read.
     ctx.set_materialize_grads(False)
 
 
 def _add_layer_norm_backward(ctx, grad_out, grad_residual_out, grad_mean, grad_rstd):
-    residual_out, mean, rstd, weight, bias = ctx.saved_tensors
+    first, residual, mean, rstd, weight, bias = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros_like(residual_out)
+        grad_out = torch.zeros_like(first)
+    if not ctx.return_residual:
+        grad_residual_out = None  # the sum was never an output
+    # With return_residual=False the kernel normalizes first + residual, summed as it reads them.
     grad_sum, grad_weight, grad_bias = ops.layer_norm_bwd(
-        grad_out, grad_residual_out, residual_out, mean, rstd, weight, bias, ctx.normalized_ndim)
+        grad_out, grad_residual_out, first, mean, rstd, weight, bias, ctx.normalized_ndim, residual)
     return (grad_sum, grad_sum, grad_weight if weight is not None else None,
-            grad_bias if bias is not None else None, None, None)
+            grad_bias if bias is not None else None, None, None, None)
 
 
 torch.library.register_autograd("tx_kernels::add_layer_norm_fwd", _add_layer_norm_backward,

@@ -39,8 +39,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t normalized_ndim, double eps) {
-  auto call = prepare_layer_norm_fwd(input, residual, weight, bias, normalized_ndim, eps);
+    const std::optional<at::Tensor>& bias, int64_t normalized_ndim, double eps,
+    bool return_residual) {
+  auto call = prepare_layer_norm_fwd(input, residual, weight, bias, normalized_ndim, eps,
+                                     return_residual);
   cpu::layer_norm_fwd(call.params);
   return {call.out, call.residual_out, call.mean, call.rstd};
 }
@@ -49,9 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    int64_t normalized_ndim) {
+    int64_t normalized_ndim, const std::optional<at::Tensor>& residual) {
+  // The fp64 kernel recomputes the mean in fp64 from the normalized tensor, so it gets the sum.
   auto call = prepare_layer_norm_bwd(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                                     normalized_ndim);
+                                     normalized_ndim, residual, input.scalar_type() != at::kDouble);
   if (call.params.rows > 0 && call.params.cols > 0) cpu::layer_norm_bwd(call.params);
   return finish_layer_norm_bwd(call);
 }

@@ -127,28 +127,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda_op(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cuda_op(
     const at::Tensor& input, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t normalized_ndim, double eps) {
+    const std::optional<at::Tensor>& bias, int64_t normalized_ndim, double eps,
+    bool return_residual) {
   check_cuda_dtype(input, "input");
   check_cuda_dtype(residual, "residual");
   check_on_cuda(input, "input");
   const c10::cuda::CUDAGuard guard(input.device());
+  // The CUDA kernel always writes the sum: with return_residual=False it goes to scratch.
   auto call = prepare_layer_norm_fwd(input, residual, weight, bias, normalized_ndim, eps);
   check_launch(layer_norm_fwd_cuda(call.params, current_stream()), "add_layer_norm_fwd");
-  return {call.out, call.residual_out, call.mean, call.rstd};
+  return {call.out, return_residual ? call.residual_out : at::empty({0}, input.options()), call.mean,
+          call.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    int64_t normalized_ndim) {
+    int64_t normalized_ndim, const std::optional<at::Tensor>& residual) {
   check_cuda_dtype(input, "input");
   check_cuda_dtype(grad_out, "grad_out");
   if (grad_residual_out.has_value()) check_cuda_dtype(*grad_residual_out, "grad_residual_out");
   check_on_cuda(input, "input");
   const c10::cuda::CUDAGuard guard(input.device());
   auto call = prepare_layer_norm_bwd(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                                     normalized_ndim);
+                                     normalized_ndim, residual, /*kernel_adds_residual=*/false);
   // prepare checks dtypes and shapes; mean/rstd/grad_residual_out must also live on this device.
   TORCH_CHECK_VALUE(call.mean.device() == input.device() && call.rstd.device() == input.device(),
                     "tx_kernels: `mean` and `rstd` must be on ", input.device(), " like `input`");

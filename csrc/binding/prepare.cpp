@@ -283,7 +283,8 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
                                         const std::optional<at::Tensor>& residual,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
-                                        int64_t normalized_ndim, double eps) {
+                                        int64_t normalized_ndim, double eps,
+                                        bool write_residual) {
   check_defined(input, "input");
   check_floating(input, "input");
   const int64_t cols = normalized_cols(input, normalized_ndim);
@@ -303,7 +304,9 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
   TORCH_CHECK_VALUE(eps >= 0.0, "tx_kernels: `eps` must be non-negative, got ", eps);
 
   call.out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  if (has_residual) call.residual_out = at::empty_like(call.out);
+  if (has_residual) {
+    call.residual_out = write_residual ? at::empty_like(call.out) : at::empty({0}, input.options());
+  }
   call.mean = at::empty({rows}, input.options().dtype(at::kFloat));
   call.rstd = at::empty({rows}, input.options().dtype(at::kFloat));
 
@@ -317,7 +320,7 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
   if (has_residual) {
     p.residual = call.residual2d.data_ptr();
     p.residual_row_stride = call.residual2d.stride(0);
-    p.residual_out = call.residual_out.data_ptr();
+    p.residual_out = write_residual ? call.residual_out.data_ptr() : nullptr;
   }
   p.weight = call.weight32.defined() ? call.weight32.data_ptr<float>() : nullptr;
   p.bias = call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr;
@@ -333,7 +336,9 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                                         const at::Tensor& rstd,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
-                                        int64_t normalized_ndim) {
+                                        int64_t normalized_ndim,
+                                        const std::optional<at::Tensor>& residual,
+                                        bool kernel_adds_residual) {
   check_defined(input, "input");
   check_floating(input, "input");
   check_defined(grad_out, "grad_out");
@@ -347,7 +352,21 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                         mean.numel() == rows && rstd.numel() == rows,
                     "tx_kernels: `mean` and `rstd` must be float32 with ", rows, " elements");
   LayerNormBwdCall call;
-  call.input2d = input.reshape({rows, cols}).contiguous();
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    check_same_dtype(*residual, "residual", input, "input");
+    check_same_device(*residual, "residual", input, "input");
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), "tx_kernels: `residual` has shape ",
+                      residual->sizes(), " but `input` has shape ", input.sizes());
+  }
+  if (has_residual && kernel_adds_residual) {
+    call.input2d = input.reshape({rows, cols}).contiguous();
+    call.residual2d = residual->reshape({rows, cols}).contiguous();
+  } else if (has_residual) {
+    call.input2d = (input + *residual).reshape({rows, cols}).contiguous();
+  } else {
+    call.input2d = input.reshape({rows, cols}).contiguous();
+  }
   call.grad_out2d = grad_out.reshape({rows, cols}).contiguous();
   if (grad_residual_out.has_value() && grad_residual_out->defined()) {
     check_same_dtype(*grad_residual_out, "grad_residual_out", input, "input");
@@ -371,6 +390,7 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
   p.grad_out = call.grad_out2d.data_ptr();
   p.grad_residual_out = call.grad_residual2d.defined() ? call.grad_residual2d.data_ptr() : nullptr;
   p.input = call.input2d.data_ptr();
+  p.residual = call.residual2d.defined() ? call.residual2d.data_ptr() : nullptr;
   call.mean = mean.contiguous();
   call.rstd = rstd.contiguous();
   p.mean = call.mean.data_ptr<float>();

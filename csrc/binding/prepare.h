@@ -54,11 +54,12 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
                                         const std::optional<at::Tensor>& residual,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
-                                        int64_t normalized_ndim, double eps);
+                                        int64_t normalized_ndim, double eps,
+                                        bool write_residual = true);
 
 struct LayerNormBwdCall {
   LayerNormBwdParams params;
-  at::Tensor grad_out2d, grad_residual2d, input2d, weight32, mean, rstd;
+  at::Tensor grad_out2d, grad_residual2d, input2d, residual2d, weight32, mean, rstd;
   at::Tensor grad_input, grad_weight32, grad_bias32;
   at::Tensor weight_arg, bias_arg;
 };
@@ -69,7 +70,9 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                                         const at::Tensor& rstd,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
-                                        int64_t normalized_ndim);
+                                        int64_t normalized_ndim,
+                                        const std::optional<at::Tensor>& residual,
+                                        bool kernel_adds_residual);
 
 // (grad_input, grad_weight, grad_bias) in the parameters' shapes and dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const LayerNormBwdCall& call);

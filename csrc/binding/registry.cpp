@@ -28,16 +28,18 @@ TORCH_LIBRARY(tx_kernels, m) {
       "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, int normalized_ndim, float eps) "
       "-> (Tensor, Tensor, Tensor)");
   // residual_out = input + residual; out = layer_norm(residual_out).
-  // Returns (out, residual_out, mean, rstd).
+  // Returns (out, residual_out, mean, rstd). return_residual=False skips writing residual_out
+  // (post-LN blocks discard it): it comes back empty, and the backward recomputes the sum.
   m.def(
       "add_layer_norm_fwd(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
-      "int normalized_ndim, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Backward of both: `input` is the tensor that was normalized. grad_residual_out (the gradient
-  // flowing into residual_out) is added to the result. Returns (grad_input, grad_weight,
+      "int normalized_ndim, float eps, bool return_residual=True) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward of both: `input` (+ `residual`, when given) is the tensor that was normalized.
+  // grad_residual_out (the gradient flowing into residual_out) is added to the result. Returns (grad_input, grad_weight,
   // grad_bias); a gradient whose parameter is None comes back empty.
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor mean, "
-      "Tensor rstd, Tensor? weight, Tensor? bias, int normalized_ndim) -> (Tensor, Tensor, Tensor)");
+      "Tensor rstd, Tensor? weight, Tensor? bias, int normalized_ndim, Tensor? residual=None) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // out = dropout(activation(input + bias)); activation is "relu", "gelu" or "gelu_tanh".
   m.def(

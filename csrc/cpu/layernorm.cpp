@@ -77,7 +77,7 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
   T* out = static_cast<T*>(p.out);
 
   const bool stream =
-      detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)) * (residual ? 2 : 1));
+      detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)) * (residual_out ? 2 : 1));
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
     std::vector<Acc> row_buf(static_cast<size_t>(padded));
@@ -85,9 +85,9 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* x = input + r * p.input_row_stride;
       const T* res = residual ? residual + r * p.residual_row_stride : nullptr;
-      T* ro = residual ? residual_out + r * cols : nullptr;
+      T* ro = residual && residual_out ? residual_out + r * cols : nullptr;
       T* y = out + r * cols;
-      const bool nt_ro = stream && res && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
+      const bool nt_ro = stream && ro && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
       // The input two rows ahead is prefetched, a cache line per block, while this row's output
       // is computed from the L1-resident buffer: otherwise memory reads sit idle during the two
       // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
@@ -109,7 +109,7 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
           b = b + rb;
           if (nt_ro) {
             B::store_stream(ro + c, a, b);
-          } else {
+          } else if (ro) {
             B::store(ro + c, a, b);
           }
         }
@@ -128,7 +128,7 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
           B::load(res + c, tail, ra, rb);
           a = a + ra;
           b = b + rb;
-          B::store(ro + c, tail, a, b);
+          if (ro) B::store(ro + c, tail, a, b);
         }
         a = a - kv;
         b = b - kv;
@@ -222,6 +222,8 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
   const T* grad_out = static_cast<const T*>(p.grad_out);
   const T* grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* input = static_cast<const T*>(p.input);
+  const T* residual = static_cast<const T*>(p.residual);
+  TORCH_CHECK(!(residual && std::is_same_v<T, double>), "tx_kernels: fp64 LayerNorm backward takes the sum");
   T* grad_input = static_cast<T*>(p.grad_input);
   const bool want_gw = p.grad_weight != nullptr, want_gb = p.grad_bias != nullptr;
   const bool stream = detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)));
@@ -232,6 +234,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = grad_out + r * cols;
       const T* x = input + r * cols;
+      const T* xr = residual ? residual + r * cols : nullptr;
       T* dx = grad_input + r * cols;
       const bool nt = stream && detail::aligned32(dx);
       // fp64: recompute the mean in fp64 (the saved one is fp32), exactly as the forward did, so
@@ -244,9 +247,21 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
         if (c < full) {
           B::load(g + c, g0, g1);
           B::load(x + c, x0, x1);
+          if (xr) {
+            AVec r0, r1;
+            B::load(xr + c, r0, r1);
+            x0 = x0 + r0;
+            x1 = x1 + r1;
+          }
         } else {
           B::load(g + c, tail, g0, g1);  // g = 0 beyond the row: a = 0 and no contribution
           B::load(x + c, tail, x0, x1);
+          if (xr) {
+            AVec r0, r1;
+            B::load(xr + c, tail, r0, r1);
+            x0 = x0 + r0;
+            x1 = x1 + r1;
+          }
         }
         const AVec xh0 = (x0 - m) * rs, xh1 = (x1 - m) * rs;
         const AVec a0 = g0 * AVec::loadu(w + c), a1 = g1 * AVec::loadu(w + c + L);

@@ -100,7 +100,8 @@ struct LayerNormParams {
   const float* bias = nullptr;
 
   void* out = nullptr;
-  void* residual_out = nullptr;  // written only when residual != nullptr
+  void* residual_out = nullptr;  // written when residual != nullptr; may be nullptr then (not
+                                 // wanted; the CUDA kernels still need it: their binding passes one)
   float* mean = nullptr;
   float* rstd = nullptr;
 };
@@ -115,6 +116,9 @@ struct LayerNormBwdParams {
   const void* grad_out = nullptr;           // contiguous (rows, cols)
   const void* grad_residual_out = nullptr;  // contiguous (rows, cols) or nullptr
   const void* input = nullptr;              // contiguous (rows, cols)
+  // When set, the normalized tensor is input + residual (contiguous (rows, cols)), summed while
+  // reading: the post-LN form whose forward did not write the sum. CPU kernels, fp32/bf16/fp16.
+  const void* residual = nullptr;
   const float* mean = nullptr;
   const float* rstd = nullptr;
   const float* weight = nullptr;  // fp32 (cols) or nullptr

@@ -155,7 +155,8 @@ def _make_hf_classes(hf_act):
     def _add_ln_forward(self, hidden_states, input_tensor):
         h = self.dropout(self.dense(hidden_states))
         ln = self.LayerNorm
-        return TF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)[0]
+        return TF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
+                                 return_residual=False)
 
     class TxBertSelfOutput(mb.BertSelfOutput):
         forward = _add_ln_forward

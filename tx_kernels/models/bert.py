@@ -80,7 +80,8 @@ class BertEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         pos = self.position_embeddings(position_ids).expand_as(x)
         ln = self.LayerNorm
-        out, _ = TF.add_layer_norm(x, pos, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        out = TF.add_layer_norm(x, pos, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
+                                return_residual=False)
         return self.dropout(out)
 
 
@@ -110,7 +111,8 @@ class BertAttention(nn.Module):
                                             dropout_p=self.attn_pdrop if self.training else 0.0)
         a = self.output.dropout(self.output.dense(a.transpose(1, 2).reshape(N, S, E)))
         ln = self.output.LayerNorm
-        return TF.add_layer_norm(a, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)[0]
+        return TF.add_layer_norm(a, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
+                                 return_residual=False)
 
 
 class BertLayer(nn.Module):
@@ -127,7 +129,8 @@ class BertLayer(nn.Module):
         d1, d2 = self.intermediate.dense, self.output.dense
         f = self.output.dropout(TF.feed_forward(x, d1.weight, d1.bias, d2.weight, d2.bias, self.act))
         ln = self.output.LayerNorm
-        return TF.add_layer_norm(f, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)[0]
+        return TF.add_layer_norm(f, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
+                                 return_residual=False)
 
 
 class BertModel(nn.Module):

@@ -200,8 +200,8 @@ class GPT2Model(nn.Module):
         residual = None
         for block in self.h:
             x, residual = block(x, residual, past_key_values, attn_mask, is_causal)
-        out, _ = TF.add_layer_norm(x, residual, self.ln_f.normalized_shape, self.ln_f.weight,
-                                   self.ln_f.bias, self.ln_f.eps)
+        out = TF.add_layer_norm(x, residual, self.ln_f.normalized_shape, self.ln_f.weight,
+                                self.ln_f.bias, self.ln_f.eps, return_residual=False)
         if past_key_values is not None:
             past_key_values.length = T
         return out

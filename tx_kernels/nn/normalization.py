@@ -19,6 +19,14 @@ def add_norm(norm: nn.Module, x: Tensor, residual: Tensor):
     return norm(s), s
 
 
+def add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """norm(x + residual) alone (post-LN): fused without writing the sum when `norm` is a LayerNorm."""
+    if isinstance(norm, nn.LayerNorm):
+        return TF.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                                 return_residual=False)
+    return norm(x + residual)
+
+
 def apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
     if isinstance(norm, nn.LayerNorm):
         return TF.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

@@ -26,7 +26,7 @@ from torch.nn.init import xavier_uniform_
 from .. import functional as TF
 from ._utils import detect_is_causal_mask, fused_activation_name, get_activation_fn
 from .activation import MultiheadAttention
-from .normalization import LayerNorm, add_norm, apply_norm
+from .normalization import LayerNorm, add_norm, add_then_norm, apply_norm
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
            "TransformerDecoder", "Transformer"]
@@ -89,9 +89,9 @@ class TransformerEncoderLayer(nn.Module):
             h, x = add_norm(self.norm2, a, x)
             return x + self.dropout2(_feed_forward(self, h))
         a = self.dropout1(self._sa(x, src_mask, src_key_padding_mask, is_causal))
-        x, _ = add_norm(self.norm1, a, x)
+        x = add_then_norm(self.norm1, a, x)
         f = self.dropout2(_feed_forward(self, x))
-        return add_norm(self.norm2, f, x)[0]
+        return add_then_norm(self.norm2, f, x)
 
     def _sa(self, x, attn_mask, key_padding_mask, is_causal):
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
@@ -139,11 +139,11 @@ class TransformerDecoderLayer(nn.Module):
             h, x = add_norm(self.norm3, a, x)
             return x + self.dropout3(_feed_forward(self, h))
         a = self.dropout1(self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-        x, _ = add_norm(self.norm1, a, x)
+        x = add_then_norm(self.norm1, a, x)
         a = self.dropout2(self._mha(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
-        x, _ = add_norm(self.norm2, a, x)
+        x = add_then_norm(self.norm2, a, x)
         f = self.dropout3(_feed_forward(self, x))
-        return add_norm(self.norm3, f, x)[0]
+        return add_then_norm(self.norm3, f, x)
 
     def _sa(self, x, attn_mask, key_padding_mask, is_causal):
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
