@@ -280,15 +280,7 @@ void bias_act_fwd_impl(const BiasActParams& p) {
         a = a * ma;
         b = b * mb;
       }
-      if (n == K) {
-        if (nt) {
-          B::store_stream(y + c, a, b);
-        } else {
-          B::store(y + c, a, b);
-        }
-      } else {
-        B::store(y + c, n, a, b);
-      }
+      B::store_block(y + c, n, a, b, nt);
     }
     if (nt) detail::streaming_fence();
   });
@@ -349,15 +341,7 @@ void bias_act_bwd_impl(const BiasActBwdParams& p) {
         a = a * ma;
         b = b * mb;
       }
-      if (n == K) {
-        if (nt) {
-          B::store_stream(dx + c, a, b);
-        } else {
-          B::store(dx + c, a, b);
-        }
-      } else {
-        B::store(dx + c, n, a, b);
-      }
+      B::store_block(dx + c, n, a, b, nt);
       if (pb) {
         (AVec::loadu(pb + c) + a).store(pb + c);
         (AVec::loadu(pb + c + L) + b).store(pb + c + L);

@@ -298,15 +298,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
           d0 = d0 + r0v;
           d1 = d1 + r1v;
         }
-        if (n == K) {
-          if (nt) {
-            B::store_stream(dx + c, d0, d1);
-          } else {
-            B::store(dx + c, d0, d1);
-          }
-        } else {
-          B::store(dx + c, n, d0, d1);
-        }
+        B::store_block(dx + c, n, d0, d1, nt);
       }
     }
     if (stream) detail::streaming_fence();

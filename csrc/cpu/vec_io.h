@@ -97,6 +97,17 @@ struct Block {
     store(p, a, b);
 #endif
   }
+  // The first n (<= kSize) lanes of the block: a full block streams when `streaming` (the caller
+  // checked use_streaming_stores and 32-byte alignment), a partial one takes a plain masked store.
+  static inline void store_block(T* p, int64_t n, const AVec& a, const AVec& b, bool streaming) {
+    if (n < kSize) {
+      store(p, n, a, b);
+    } else if (streaming) {
+      store_stream(p, a, b);
+    } else {
+      store(p, a, b);
+    }
+  }
   // Zeroes lanes n.. of the block (a, b) in place (0 < n < kSize).
   static inline void keep_first(int64_t n, AVec& a, AVec& b) {
     const AVec zero(Acc(0));
