@@ -1,10 +1,12 @@
 // layernorm.cpp: CPU residual-add + LayerNorm, forward and backward (semantics in params.h).
 //
-// Forward: one pass over memory per row. The row (input + residual) is read once, widened to the
-// accumulator type into a thread-local row buffer (a few KB, so it stays in L1/L2), residual_out is
-// written during that read, which also sums (s - k) and (s - k)^2 with k = s[0] (shifted sums: the
-// cancellation of E[x^2] - E[x]^2 is bounded by how far k is from the mean, and rows where it is
-// far take a second pass of squared deviations over the hot buffer); out is written once. Rows are independent and split across threads with at::parallel_for.
+// Forward: one pass over memory per row. The row s = input + residual (rounded to the data type,
+// as x + r would be: the statistics then describe the residual_out the backward reads back) is read
+// once, widened to the accumulator type into a cache-aligned thread-local row buffer (a few KB, so
+// it stays in L1/L2); residual_out is written during that read, which also sums (s - k) and
+// (s - k)^2 with k = s[0] (shifted sums: the cancellation of E[x^2] - E[x]^2 is bounded by how far k
+// is from the mean, and rows where it is far take a second pass of squared deviations over the hot
+// buffer); out is written once. Rows are independent and split across threads.
 //
 // Backward: per row, grad_input = rstd * (a - mean(a) - xhat * mean(a * xhat)) with a = g * w and
 // xhat recomputed from input, mean and rstd. grad_weight / grad_bias are column sums reduced
@@ -73,132 +75,141 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
 
   const T* input = static_cast<const T*>(p.input);
   const T* residual = static_cast<const T*>(p.residual);
-  T* residual_out = static_cast<T*>(p.residual_out);
+  T* residual_out = residual ? static_cast<T*>(p.residual_out) : nullptr;
   T* out = static_cast<T*>(p.out);
 
   const bool stream =
       detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)) * (residual_out ? 2 : 1));
 
-  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-    std::vector<Acc> row_buf(static_cast<size_t>(padded));
-    Acc* buf = row_buf.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* x = input + r * p.input_row_stride;
-      const T* res = residual ? residual + r * p.residual_row_stride : nullptr;
-      T* ro = residual && residual_out ? residual_out + r * cols : nullptr;
-      T* y = out + r * cols;
-      const bool nt_ro = stream && ro && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
-      // The input two rows ahead is prefetched, a cache line per block, while this row's output
-      // is computed from the L1-resident buffer: otherwise memory reads sit idle during the two
-      // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
-      const bool prefetch = r + 2 < r1;
-      const char* ahead_x = reinterpret_cast<const char*>(x + 2 * p.input_row_stride);
-      const char* ahead_res = res ? reinterpret_cast<const char*>(res + 2 * p.residual_row_stride) : nullptr;
+  // One row; kResidual (a std::bool_constant) compiles the residual add in or out of the loops.
+  auto do_row = [&](auto kResidual, int64_t r, bool prefetch, Acc* buf) {
+    constexpr bool has_res = decltype(kResidual)::value;
+    const T* x = input + r * p.input_row_stride;
+    const T* res = has_res ? residual + r * p.residual_row_stride : nullptr;
+    T* ro = has_res && residual_out ? residual_out + r * cols : nullptr;
+    T* y = out + r * cols;
+    const bool nt_ro = stream && ro && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
+    // The input two rows ahead is prefetched, a block at a time, while this row's output is
+    // computed from the L1-resident buffer: otherwise memory reads sit idle during the two
+    // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
+    const T* ahead_x = x + 2 * p.input_row_stride;
+    const T* ahead_res = has_res ? res + 2 * p.residual_row_stride : nullptr;
 
-      // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
-      // row buffer and to the sum (see row_mean, which must match this order for fp64).
-      const Acc k = static_cast<Acc>(x[0]) + (res ? static_cast<Acc>(res[0]) : Acc(0));
-      const AVec kv(k);
-      AVec s0(0), s1(0), q0(0), q1(0), a, b, ra, rb;
-      int64_t c = 0;
-      for (; c < full; c += K) {
+    // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
+    // row buffer and to the sum (see row_mean, which must match this order for fp64).
+    // Any value near the row's works as k; it need not be the rounded s[0].
+    Acc k = static_cast<Acc>(x[0]);
+    if constexpr (has_res) k += static_cast<Acc>(res[0]);
+    const AVec kv(k);
+    AVec s0(0), s1(0), q0(0), q1(0), a, b;
+    auto load_sum = [&](int64_t c, int64_t n) {  // n == K: a full block
+      if (n == K) {
         B::load(x + c, a, b);
-        if (res) {
+      } else {
+        B::load(x + c, n, a, b);
+      }
+      if constexpr (has_res) {
+        AVec ra, rb;
+        if (n == K) {
           B::load(res + c, ra, rb);
-          a = a + ra;
-          b = b + rb;
-          if (nt_ro) {
-            B::store_stream(ro + c, a, b);
-          } else if (ro) {
-            B::store(ro + c, a, b);
-          }
-        }
-        a = a - kv;
-        b = b - kv;
-        a.store(buf + c);
-        b.store(buf + c + L);
-        s0 = s0 + a;
-        s1 = s1 + b;
-        q0 = at::vec::fmadd(a, a, q0);
-        q1 = at::vec::fmadd(b, b, q1);
-      }
-      if (tail) {
-        B::load(x + c, tail, a, b);
-        if (res) {
-          B::load(res + c, tail, ra, rb);
-          a = a + ra;
-          b = b + rb;
-          if (ro) B::store(ro + c, tail, a, b);
-        }
-        a = a - kv;
-        b = b - kv;
-        B::keep_first(tail, a, b);
-        a.store(buf + c);
-        b.store(buf + c + L);
-        s0 = s0 + a;
-        s1 = s1 + b;
-        q0 = at::vec::fmadd(a, a, q0);
-        q1 = at::vec::fmadd(b, b, q1);
-      }
-      // The buffer holds s - k; deviations from the mean are taken as (s - k) - (mean - k), so
-      // the fp32 rounding of a large mean never enters them.
-      const Acc shifted_mean = hsum(s0 + s1) / static_cast<Acc>(cols);
-      const Acc mean = k + shifted_mean;
-      const AVec m(shifted_mean);
-
-      // Variance from the same pass: E[(s-k)^2] - E[s-k]^2. Its relative error is about
-      // eps * (1 + (mean-k)^2 / var), small while the shift k = s[0] is a typical sample of the
-      // row; when it is not ((mean-k)^2 > 4 var: about 5% of Gaussian rows), fall back to squared
-      // deviations of the hot buffer.
-      // Saving that pass matters: at hidden sizes like 768 the per-row arithmetic is a large part
-      // of the time the row's memory traffic takes, and it does not overlap with it.
-      Acc var = hsum(q0 + q1) * inv_n - shifted_mean * shifted_mean;
-      if (!(shifted_mean * shifted_mean <= Acc(4) * var)) {
-        q0 = AVec(0);
-        q1 = AVec(0);
-        for (c = 0; c < full; c += K) {
-          const AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
-          q0 = at::vec::fmadd(d0, d0, q0);
-          q1 = at::vec::fmadd(d1, d1, q1);
-        }
-        if (tail) {
-          AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
-          B::keep_first(tail, d0, d1);  // the padding lanes hold 0, not the mean
-          q0 = at::vec::fmadd(d0, d0, q0);
-          q1 = at::vec::fmadd(d1, d1, q1);
-        }
-        var = hsum(q0 + q1) * inv_n;
-      }
-      const Acc rstd = Acc(1) / std::sqrt(var + eps);
-
-      // out = (s - mean) * rstd * w + b = ((s - k) * rstd - shifted_mean * rstd) * w + b: two FMAs.
-      const AVec rs(rstd), nmrs(-shifted_mean * rstd);
-      for (c = 0; c < full; c += K) {
-        if (prefetch) {
-          for (int64_t off = c * int64_t(sizeof(T)); off < (c + K) * int64_t(sizeof(T)); off += 64) {
-            detail::prefetch(ahead_x + off);
-            if (ahead_res) detail::prefetch(ahead_res + off);
-          }
-        }
-        a = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c), rs, nmrs), AVec::loadu(w + c),
-                           AVec::loadu(bb + c));
-        b = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c + L), rs, nmrs), AVec::loadu(w + c + L),
-                           AVec::loadu(bb + c + L));
-        if (nt_y) {
-          B::store_stream(y + c, a, b);
         } else {
-          B::store(y + c, a, b);
+          B::load(res + c, n, ra, rb);
         }
+        a = a + ra;
+        b = b + rb;
+        B::round_to_storage(a, b);
+        if (ro) B::store_block(ro + c, n, a, b, nt_ro);
+      }
+    };
+    auto accumulate = [&](int64_t c) {
+      a.store(buf + c);
+      b.store(buf + c + L);
+      s0 = s0 + a;
+      s1 = s1 + b;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+    };
+    int64_t c = 0;
+    for (; c < full; c += K) {
+      load_sum(c, K);
+      a = a - kv;
+      b = b - kv;
+      accumulate(c);
+    }
+    if (tail) {
+      load_sum(c, tail);
+      a = a - kv;
+      b = b - kv;
+      B::keep_first(tail, a, b);
+      accumulate(c);
+    }
+    // The buffer holds s - k; deviations from the mean are taken as (s - k) - (mean - k), so
+    // the fp32 rounding of a large mean never enters them.
+    const Acc shifted_mean = hsum(s0 + s1) * inv_n;
+    const Acc mean = k + shifted_mean;
+    const AVec m(shifted_mean);
+
+    // Variance from the same pass: E[(s-k)^2] - E[s-k]^2. Its relative error is about
+    // eps * (1 + (mean-k)^2 / var), small while the shift k = s[0] is a typical sample of the
+    // row; when it is not ((mean-k)^2 > 4 var: about 5% of Gaussian rows), fall back to squared
+    // deviations of the hot buffer.
+    // Saving that pass matters: at hidden sizes like 768 the per-row arithmetic is a large part
+    // of the time the row's memory traffic takes, and it does not overlap with it.
+    Acc var = hsum(q0 + q1) * inv_n - shifted_mean * shifted_mean;
+    if (!(shifted_mean * shifted_mean <= Acc(4) * var)) {
+      q0 = AVec(0);
+      q1 = AVec(0);
+      for (c = 0; c < full; c += K) {
+        const AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
       }
       if (tail) {
-        a = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c), rs, nmrs), AVec::loadu(w + c),
-                           AVec::loadu(bb + c));
-        b = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c + L), rs, nmrs), AVec::loadu(w + c + L),
-                           AVec::loadu(bb + c + L));
-        B::store(y + c, tail, a, b);
+        AVec d0 = AVec::loadu(buf + c) - m, d1 = AVec::loadu(buf + c + L) - m;
+        B::keep_first(tail, d0, d1);  // the padding lanes hold 0, not the mean
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
       }
-      p.mean[r] = static_cast<float>(mean);
-      p.rstd[r] = static_cast<float>(rstd);
+      var = hsum(q0 + q1) * inv_n;
+    }
+    const Acc rstd = Acc(1) / std::sqrt(var + eps);
+
+    // out = (s - mean) * rstd * w + b = ((s - k) * rstd - shifted_mean * rstd) * w + b: two FMAs.
+    const AVec rs(rstd), nmrs(-shifted_mean * rstd);
+    auto normalized = [&](int64_t c) {
+      a = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c), rs, nmrs), AVec::loadu(w + c),
+                         AVec::loadu(bb + c));
+      b = at::vec::fmadd(at::vec::fmadd(AVec::loadu(buf + c + L), rs, nmrs), AVec::loadu(w + c + L),
+                         AVec::loadu(bb + c + L));
+    };
+    for (c = 0; c < full; c += K) {
+      if (prefetch) {  // a block is at most one cache line (64 bytes) for every T
+        detail::prefetch(ahead_x + c);
+        if constexpr (has_res) detail::prefetch(ahead_res + c);
+      }
+      normalized(c);
+      if (nt_y) {
+        B::store_stream(y + c, a, b);
+      } else {
+        B::store(y + c, a, b);
+      }
+    }
+    if (tail) {
+      normalized(c);
+      B::store(y + c, tail, a, b);
+    }
+    p.mean[r] = static_cast<float>(mean);
+    p.rstd[r] = static_cast<float>(rstd);
+  };
+
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    detail::CacheAligned<Acc> row_buf(padded);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (residual) {
+        do_row(std::true_type{}, r, r + 2 < r1, row_buf.data());
+      } else {
+        do_row(std::false_type{}, r, r + 2 < r1, row_buf.data());
+      }
     }
     if (stream) detail::streaming_fence();
   });
@@ -252,6 +263,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
             B::load(xr + c, r0, r1);
             x0 = x0 + r0;
             x1 = x1 + r1;
+            B::round_to_storage(x0, x1);  // as the forward normalized it
           }
         } else {
           B::load(g + c, tail, g0, g1);  // g = 0 beyond the row: a = 0 and no contribution
@@ -261,6 +273,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
             B::load(xr + c, tail, r0, r1);
             x0 = x0 + r0;
             x1 = x1 + r1;
+            B::round_to_storage(x0, x1);  // as the forward normalized it
           }
         }
         const AVec xh0 = (x0 - m) * rs, xh1 = (x1 - m) * rs;
@@ -306,7 +319,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
 
   if (!want_gw && !want_gb) {
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-      std::vector<Acc> bufs(static_cast<size_t>(2 * padded));
+      detail::CacheAligned<Acc> bufs(2 * padded);
       do_rows(r0, r1, nullptr, nullptr, bufs.data(), bufs.data() + padded);
     });
     return;
@@ -317,7 +330,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
   const int64_t stride = 2 * padded;
   std::vector<Acc> partial(static_cast<size_t>(rb.count * stride));
   at::parallel_for(0, rb.count, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<Acc> bufs(static_cast<size_t>(2 * padded));
+    detail::CacheAligned<Acc> bufs(2 * padded);
     for (int64_t blk = b0; blk < b1; ++blk) {
       Acc* pw = partial.data() + blk * stride;
       Acc* pb = pw + padded;

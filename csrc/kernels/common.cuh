@@ -62,6 +62,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// x as a T tensor would hold it (identity for float).
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Aligned vectors: a Vec<T, N> is loaded and stored with a single N * sizeof(T)-byte instruction
 // (LDG.128 / STG.128 for 16 bytes) because its alignment equals its size.

@@ -5,14 +5,16 @@
 // arithmetic. fp64 data returns cudaErrorNotSupported (the CUDA binding rejects it first).
 //
 // Forward, one row of `cols` values per "row group" of threads (one warp, or up to 1024 threads):
-//   1. every thread loads its chunks of input (+ residual) into registers: s = x + r in fp32.
+//   1. every thread loads its chunks of input (+ residual) into registers: s = x + r in fp32,
+//      rounded to T (the residual_out it returns, and what x + r in T would give).
 //      Chunks are VEC elements, 16 bytes when pointers/strides allow, else single elements;
 //      chunk c of the row goes to thread c % tpr (coalesced), so a thread holds ITEMS chunks.
 //   2. mean = sum(s) / cols, then var = sum((s - mean)^2) / cols from the registers (two-pass, no
 //      E[x^2] - E[x]^2 cancellation), both as fixed-order group reductions.
-//   3. residual_out = s (rounded to the data type), out = (s - mean) * rstd * w + b, mean/rstd.
-//   The normalization uses the fp32 sum, not its rounded copy: one rounding fewer than computing
-//   x + r in the data type first (what torch's unfused x + r; layer_norm does).
+//   3. residual_out = s, out = (s - mean) * rstd * w + b, mean/rstd.
+//   Normalizing the rounded sum, not the fp32 one, keeps the forward consistent with the backward,
+//   which reads that sum back (residual_out): with few columns rstd is large enough to turn the
+//   difference between the two into wrong gradients (the CPU kernel does the same).
 //   Memory traffic is the minimum: input and residual read once, out and residual_out written
 //   once. A row that does not fit in registers (more than 32 values per thread at 512 threads:
 //   > 16384 columns on the 16-byte path, > 8192 on the scalar one) takes a block-per-row
@@ -127,7 +129,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
 #pragma unroll
         for (int k = 0; k < ITEMS; ++k) {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) s[k][v] += r[k][v];
+          for (int v = 0; v < VEC; ++v) s[k][v] = round_to<T>(s[k][v] + r[k][v]);
         }
       }
     }
@@ -206,7 +208,7 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
     const T* x_row = input + row * p.input_row_stride;
     const T* r_row = residual != nullptr ? residual + row * p.residual_row_stride : nullptr;
     auto load = [&](int64_t c) {
-      return to_float(x_row[c]) + (r_row != nullptr ? to_float(r_row[c]) : 0.0f);
+      return r_row != nullptr ? round_to<T>(to_float(x_row[c]) + to_float(r_row[c])) : to_float(x_row[c]);
     };
     float sum = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) sum += load(c);

@@ -84,6 +84,7 @@ struct AttentionBwdParams : AttentionParams {
 // ---------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension of a (rows, cols) view, optionally of the sum input + residual:
 //   s = input (+ residual);  out = (s - mean) * rstd * weight + bias;  residual_out = s
+// s is rounded to the data type before it is normalized, as input + residual would be.
 // mean and rstd are fp32 (rows). weight and bias are fp32 (cols) or nullptr (treated as 1 and 0).
 // Input and residual rows may be strided; out and residual_out are contiguous.
 // ---------------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ struct LayerNormBwdParams {
   const void* grad_residual_out = nullptr;  // contiguous (rows, cols) or nullptr
   const void* input = nullptr;              // contiguous (rows, cols)
   // When set, the normalized tensor is input + residual (contiguous (rows, cols)), summed while
-  // reading: the post-LN form whose forward did not write the sum. CPU kernels, fp32/bf16/fp16.
+  // reading (and rounded to the data type, as the forward did): the post-LN form whose forward
+  // did not write the sum. CPU kernels, fp32/bf16/fp16.
   const void* residual = nullptr;
   const float* mean = nullptr;
   const float* rstd = nullptr;
