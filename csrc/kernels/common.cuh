@@ -7,6 +7,7 @@
 //   load_vec / store_vec                    one N * sizeof(T)-byte access (16 bytes for the
 //                                           vector paths), with float conversion of every lane
 //   to_float / from_float<T>                conversions for float, double, __half, __nv_bfloat16
+//   round_to<T>(x)                          x rounded to T and back (as a T tensor holds it)
 //   kVecElems<T>                            elements per 16-byte access
 //   warp_reduce_sum, group_reduce_sum(2)    butterfly / fixed-order reductions over a warp or a
 //                                           row group of warps: every thread gets the bit-identical

@@ -52,6 +52,7 @@ using cuda::store_f32;
 using cuda::store_vec;
 using cuda::to_float;
 using cuda::from_float;
+using cuda::round_to;
 
 // Register budget: fp32 values per thread for one row. The backward keeps four per element
 // (xhat, g, and the dw/db accumulators), the forward one.
@@ -208,7 +209,8 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
     const T* x_row = input + row * p.input_row_stride;
     const T* r_row = residual != nullptr ? residual + row * p.residual_row_stride : nullptr;
     auto load = [&](int64_t c) {
-      return r_row != nullptr ? round_to<T>(to_float(x_row[c]) + to_float(r_row[c])) : to_float(x_row[c]);
+      const float x = to_float(x_row[c]);
+      return r_row != nullptr ? round_to<T>(x + to_float(r_row[c])) : x;
     };
     float sum = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) sum += load(c);
