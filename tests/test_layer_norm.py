@@ -225,7 +225,7 @@ def test_low_precision_within_torch_error(dtype, d, return_residual, poison):
     if return_residual:
         out, res = TF.add_layer_norm(x, r, (d,), w, b)
     else:
-        out, res = TF.add_layer_norm(x, r, (d,), w, b, return_residual=False), x + r
+        out, res = TF.add_layer_norm(x, r, (d,), w, b, return_residual=False), None
     ours = torch.autograd.grad(out, leaves, g)
     out_t = F.layer_norm(x + r, (d,), w, b)
     theirs = torch.autograd.grad(out_t, leaves, g)
@@ -235,7 +235,8 @@ def test_low_precision_within_torch_error(dtype, d, return_residual, poison):
 
     assert out.dtype == dtype
     assert_within_torch_error(out, out_t, out_ref, name="out")
-    assert_within_torch_error(res, (x + r), res_ref, name="residual_out")
+    if res is not None:
+        assert_within_torch_error(res, (x + r), res_ref, name="residual_out")
     for name, a, t, e in zip(("input", "residual", "weight", "bias"), ours, theirs, refs):
         assert a.dtype == dtype
         assert_within_torch_error(a, t, e, atol=1e-3 * e.abs().max().item(), name=f"grad {name}")
