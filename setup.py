@@ -49,7 +49,9 @@ def extension():
     cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"] + _cpu_isa_flags()
     sources = _rel("csrc/binding/registry.cpp") + _rel("csrc/binding/prepare.cpp")
     sources += _rel("csrc/binding/cpu_ops.cpp") + _rel("csrc/cpu/*.cpp")
-    kwargs = dict(extra_link_args=["-fopenmp"])
+    # The CUDA emulator backend's operators (tx_kernels/emu.py builds and loads its library).
+    sources += _rel("csrc/binding/emu_ops.cpp")
+    kwargs = dict(extra_link_args=["-fopenmp", "-ldl"])
     if use_cuda:
         sources += _rel("csrc/binding/cuda_*.cpp") + _rel("csrc/kernels/*.cu")
         # Target GPUs come from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"; unset: the visible GPUs),

@@ -1,7 +1,10 @@
 // registry.cpp: every tx_kernels operator schema, in one place. Backend kernels are registered in
-// cpu_ops.cpp and cuda_ops.cpp; fake (meta) kernels and autograd in tx_kernels/ops.py.
+// cpu_ops.cpp, cuda_ops.cpp and emu_ops.cpp (the CUDA emulator's tx_kernels_emu namespace defines
+// the same schemas); fake (meta) kernels and autograd in tx_kernels/ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "registry.h"
 
 // The module only has to be importable: loading it runs the static registrations below.
 extern "C" PyObject* PyInit__C(void) {
@@ -9,7 +12,9 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(tx_kernels, m) {
+namespace tx_kernels::binding {
+
+void define_ops(torch::Library& m) {
   // Attention. rng is an int64 CPU tensor [seed, offset] (required when dropout_p > 0).
   // Returns (out, logsumexp); logsumexp is fp32 (N, H, L).
   m.def(
@@ -50,3 +55,7 @@ TORCH_LIBRARY(tx_kernels, m) {
       "bias_act_bwd(Tensor grad_out, Tensor input, Tensor? bias, str activation, float dropout_p, "
       "Tensor? rng) -> (Tensor, Tensor)");
 }
+
+}  // namespace tx_kernels::binding
+
+TORCH_LIBRARY(tx_kernels, m) { tx_kernels::binding::define_ops(m); }

@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kBlockN / 16 * 32, 1) attention_
   static_assert(kMT * 4 <= 32, "dropout keep bits fit one word");
   constexpr float kInf = __builtin_huge_valf();
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kStride;
   T* sQ = sV + kBlockN * kStride;        // 2 stages of kBlockM rows
@@ -602,7 +602,7 @@ __global__ void __launch_bounds__(kDqBlockM / 16 * 32, 1) attention_bwd_dq_kerne
   constexpr int kNK = kBlockN / 16;  // k-steps over keys (dQ product)
   constexpr float kInf = __builtin_huge_valf();
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockM * kStride;
   T* sK = sdO + kBlockM * kStride;     // 2 stages
@@ -808,7 +808,7 @@ __device__ __forceinline__ Acc general_drop_scale(const BwdArgs& a) {
 // One warp per key row j of (n, hk): dk_j, dv_j over every query row of the group's heads.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const BwdArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
   Acc* sk = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (2 * E + 2 * Ev + 64);
@@ -919,7 +919,7 @@ __device__ __forceinline__ void general_p_dpz(const BwdArgs& a, const Acc* sq, c
 // exact O). It costs one more pass over the keys; the general path is the slow path anyway.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const BwdArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
   Acc* sq = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (E + Ev);
@@ -952,7 +952,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const B
 // One warp per query row i of (n, h): dq_i, and the row of dmask.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const BwdArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
   Acc* sq = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (2 * E + Ev + 32);
@@ -1133,7 +1133,8 @@ cudaError_t launch_preprocess(const BwdArgs& a, cudaStream_t stream) {
   const int64_t blocks = (rows + 7) / 8;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  attention_bwd_preprocess_kernel<T, Acc><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a);
+  const auto kernel = attention_bwd_preprocess_kernel<T, Acc>;
+  TX_LAUNCH(kernel, static_cast<unsigned>(blocks), 256, 0, stream)(a);
   return cudaGetLastError();
 }
 
@@ -1146,7 +1147,7 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
   a.num_m_blocks = static_cast<int>((a.L + BwdTraits<D>::kBlockM - 1) / BwdTraits<D>::kBlockM);
   a.num_n_blocks = static_cast<int>((a.S + BwdTraits<D>::kBlockN - 1) / BwdTraits<D>::kBlockN);
   const int64_t blocks = static_cast<int64_t>(a.num_n_blocks) * a.Hkv * a.N;
-  dkdv<<<static_cast<unsigned>(blocks), BwdTraits<D>::kBlockN / 16 * 32, kSmem, stream>>>(a);
+  TX_LAUNCH(dkdv, static_cast<unsigned>(blocks), BwdTraits<D>::kBlockN / 16 * 32, kSmem, stream)(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
@@ -1156,7 +1157,7 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
     const int64_t cap = int64_t{1} << 20;  // the kernel is grid-stride beyond this
     cblocks = cblocks < cap ? cblocks : cap;
     if (cblocks == 0) return cudaSuccess;
-    attention_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(cblocks), 256, 0, stream>>>(a);
+    TX_LAUNCH(attention_bwd_dq_convert_kernel<T>, static_cast<unsigned>(cblocks), 256, 0, stream)(a);
     return cudaGetLastError();
   }
   constexpr size_t kDqSmem = dq_smem_bytes<D>();
@@ -1165,7 +1166,7 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
   if (err != cudaSuccess) return err;
   a.num_m_blocks = static_cast<int>((a.L + kDqBlockM - 1) / kDqBlockM);
   const int64_t qblocks = static_cast<int64_t>(a.num_m_blocks) * a.H * a.N;
-  dqk<<<static_cast<unsigned>(qblocks), kDqBlockM / 16 * 32, kDqSmem, stream>>>(a);
+  TX_LAUNCH(dqk, static_cast<unsigned>(qblocks), kDqBlockM / 16 * 32, kDqSmem, stream)(a);
   return cudaGetLastError();
 }
 
@@ -1217,7 +1218,7 @@ cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream)
     const int64_t blocks = (rows + warps - 1) / warps;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (blocks > 0) {
-      kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(a);
+      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -1231,7 +1232,7 @@ cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream)
     const int64_t blocks = (rows + warps - 1) / warps;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (blocks > 0) {
-      kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(a);
+      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -1245,7 +1246,7 @@ cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream)
     const int64_t blocks = (rows + warps - 1) / warps;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (blocks > 0) {
-      kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(a);
+      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
       err = cudaGetLastError();
     }
   }

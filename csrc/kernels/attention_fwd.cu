@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kBlockM / (16 * kMTiles) * 32, 1)
   static_assert(kBlockM % kWarpRows == 0 && kBlockN % 16 == 0 && D % 16 == 0, "tile shapes");
   constexpr float kInf = __builtin_huge_valf();
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBlockM * kStride;      // 2 stages of kBlockN rows
   T* sV = sK + 2 * kBlockN * kStride;  // 2 stages of kBlockN rows
@@ -576,8 +576,8 @@ constexpr int kMaxSplits = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const FwdArgs a) {
-  __shared__ float w[kMaxSplits];
-  __shared__ float lse_final;
+  TX_SHARED(float[kMaxSplits], w);
+  TX_SHARED(float, lse_final);
   const int64_t NHL = a.N * a.H * a.L;
   const int64_t row = blockIdx.x;  // (n * H + h) * L + i
   const int splits = a.num_splits;
@@ -611,7 +611,7 @@ __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const FwdArg
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const FwdArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -835,7 +835,7 @@ cudaError_t launch_fast(const FwdArgs& a, const Plan& plan, cudaStream_t stream)
   }
   const int64_t blocks = static_cast<int64_t>(plan.num_m_blocks) * plan.num_splits * a.N * a.H;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(a);
+  TX_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, kSmem, stream)(a);
   return cudaGetLastError();
 }
 
@@ -859,7 +859,7 @@ cudaError_t run_fast(const FwdArgs& a, const Plan& plan, cudaStream_t stream) {
   if (err != cudaSuccess || plan.num_splits <= 1) return err;
   const int64_t rows = a.N * a.H * a.L;
   if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  attention_fwd_combine_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(a);
+  TX_LAUNCH(attention_fwd_combine_kernel<T>, static_cast<unsigned>(rows), 128, 0, stream)(a);
   return cudaGetLastError();
 }
 
@@ -879,7 +879,7 @@ cudaError_t run_general(const FwdArgs& a, int64_t smem_max, cudaStream_t stream)
   const int64_t rows = a.N * a.H * a.L;
   const int64_t blocks = (rows + warps - 1) / warps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(smem), stream>>>(a);
+  TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(smem), stream)(a);
   return cudaGetLastError();
 }
 

@@ -159,7 +159,7 @@ template <typename T, int VEC, Activation ACT>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 bias_act_bwd_kernel(const BiasActBwdParams p, bool dropout, uint32_t threshold, float scale,
                     bool want_partials, bool workspace_vec) {
-  __shared__ float slices[kThreads * VEC];  // [blockDim.y][blockDim.x * VEC]
+  TX_SHARED(float[kThreads * VEC], slices);  // [blockDim.y][blockDim.x * VEC]
   const int64_t chunks = p.cols / VEC;
   const int64_t cc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool col_ok = cc < chunks;  // no early return: the epilogue has a barrier
@@ -228,7 +228,7 @@ bias_act_bwd_kernel(const BiasActBwdParams p, bool dropout, uint32_t threshold, 
 __global__ void __launch_bounds__(512)
 bias_grad_finalize_kernel(const float* __restrict__ workspace, int64_t num_partials, int64_t cols,
                           float* __restrict__ grad_bias) {
-  __shared__ float part[16][33];
+  TX_SHARED(float[16][33], part);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.0f;
   if (col < cols) {
@@ -315,7 +315,8 @@ template <typename T, int VEC, Activation ACT>
 cudaError_t launch_fwd(const BiasActParams& p, const Plan& plan, cudaStream_t stream) {
   const Dropout d = dropout_of(p);
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.grid_y));
-  bias_act_fwd_kernel<T, VEC, ACT><<<grid, plan.block, 0, stream>>>(p, d.on, d.threshold, d.scale);
+  const auto kernel = bias_act_fwd_kernel<T, VEC, ACT>;
+  TX_LAUNCH(kernel, grid, plan.block, 0, stream)(p, d.on, d.threshold, d.scale);
   return cudaGetLastError();
 }
 
@@ -341,7 +342,8 @@ cudaError_t launch_bwd(const BiasActBwdParams& p, const Plan& plan, cudaStream_t
   const Dropout d = dropout_of(p);
   const bool want = p.grad_bias != nullptr;
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.grid_y));
-  bias_act_bwd_kernel<T, VEC, ACT><<<grid, plan.block, 0, stream>>>(
+  const auto kernel = bias_act_bwd_kernel<T, VEC, ACT>;
+  TX_LAUNCH(kernel, grid, plan.block, 0, stream)(
       p, d.on, d.threshold, d.scale, want, is_aligned(p.workspace, 16));
   return cudaGetLastError();
 }
@@ -364,7 +366,7 @@ cudaError_t bwd_typed(const BiasActBwdParams& p, int num_sms, cudaStream_t strea
                              : bwd_by_act<T, 1>(p, plan, stream);
   if (err != cudaSuccess || p.grad_bias == nullptr) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{32});
-  bias_grad_finalize_kernel<<<static_cast<unsigned>(grid), dim3(32, 16), 0, stream>>>(
+  TX_LAUNCH(bias_grad_finalize_kernel, static_cast<unsigned>(grid), dim3(32, 16), 0, stream)(
       p.workspace, plan.grid_y, p.cols, p.grad_bias);
   return cudaGetLastError();
 }

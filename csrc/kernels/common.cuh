@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "target.cuh"
+
 namespace tx_kernels {
 namespace cuda {
 

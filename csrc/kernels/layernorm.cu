@@ -82,7 +82,7 @@ constexpr int64_t kMaxGrid = int64_t{1} << 30;  // rows beyond grid * rows-per-C
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(fwd_max_threads(VEC, ITEMS))
 layer_norm_fwd_kernel(const LayerNormParams p) {
-  __shared__ float red[32 * cuda::kMaxGroups];
+  TX_SHARED(float[32 * cuda::kMaxGroups], red);
   const T* __restrict__ input = static_cast<const T*>(p.input);
   const T* __restrict__ residual = static_cast<const T*>(p.residual);
   const float* __restrict__ weight = p.weight;
@@ -198,7 +198,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
 template <typename T>
 __global__ void __launch_bounds__(kFallbackThreads)
 layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
-  __shared__ float red[32];
+  TX_SHARED(float[32], red);
   const T* __restrict__ input = static_cast<const T*>(p.input);
   const T* __restrict__ residual = static_cast<const T*>(p.residual);
   T* __restrict__ out = static_cast<T*>(p.out);
@@ -242,8 +242,8 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(bwd_max_threads(VEC, ITEMS))
 layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool workspace_vec) {
-  __shared__ float red[64 * cuda::kMaxGroups];
-  extern __shared__ float col_smem[];
+  TX_SHARED(float[64 * cuda::kMaxGroups], red);
+  TX_DYNAMIC_SHARED(float, col_smem);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* __restrict__ input = static_cast<const T*>(p.input);
@@ -394,7 +394,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
 template <typename T>
 __global__ void __launch_bounds__(kFallbackThreads)
 layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
-  __shared__ float red[64];
+  TX_SHARED(float[64], red);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* __restrict__ input = static_cast<const T*>(p.input);
@@ -432,7 +432,8 @@ constexpr int kColTileX = 32, kColTileY = 16;
 template <typename T>
 __global__ void __launch_bounds__(kColTileX * kColTileY)
 layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p) {
-  __shared__ float sw[kColTileY][kColTileX + 1], sb[kColTileY][kColTileX + 1];
+  TX_SHARED(float[kColTileY][kColTileX + 1], sw);
+  TX_SHARED(float[kColTileY][kColTileX + 1], sb);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ input = static_cast<const T*>(p.input);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTileX + threadIdx.x;
@@ -469,7 +470,8 @@ __global__ void __launch_bounds__(kColTileX * kColTileY)
 layer_norm_bwd_finalize_kernel(const float* __restrict__ workspace, int64_t num_partials,
                                int64_t cols, float* __restrict__ grad_weight,
                                float* __restrict__ grad_bias) {
-  __shared__ float sw[kColTileY][kColTileX + 1], sb[kColTileY][kColTileX + 1];
+  TX_SHARED(float[kColTileY][kColTileX + 1], sw);
+  TX_SHARED(float[kColTileY][kColTileX + 1], sb);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTileX + threadIdx.x;
   float aw = 0.0f, ab = 0.0f;
   if (col < cols) {
@@ -539,7 +541,8 @@ RowConfig pick_row_config(int64_t n, int vec, bool bwd) {
 
 template <typename T, int VEC, int ITEMS>
 void launch_fwd(const LayerNormParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
-  layer_norm_fwd_kernel<T, VEC, ITEMS><<<grid, block, 0, stream>>>(p);
+  const auto kernel = layer_norm_fwd_kernel<T, VEC, ITEMS>;
+  TX_LAUNCH(kernel, grid, block, 0, stream)(p);
 }
 
 template <typename T, int VEC>
@@ -574,8 +577,7 @@ cudaError_t layer_norm_fwd_typed(const LayerNormParams& p, cudaStream_t stream) 
   const RowConfig cfg = pick_row_config(p.cols / vec, vec, /*bwd=*/false);
   if (!cfg.ok) {
     const int64_t grid = p.rows < kMaxGrid ? p.rows : kMaxGrid;
-    layer_norm_fwd_fallback_kernel<T>
-        <<<static_cast<unsigned>(grid), kFallbackThreads, 0, stream>>>(p);
+    TX_LAUNCH(layer_norm_fwd_fallback_kernel<T>, static_cast<unsigned>(grid), kFallbackThreads, 0, stream)(p);
     return cudaGetLastError();
   }
   // One warp per row: 4 rows per CTA (128 threads); wider rows: one row per CTA.
@@ -642,8 +644,8 @@ template <typename T, int VEC, int ITEMS>
 void launch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, bool ws_vec,
                 cudaStream_t stream) {
   const dim3 block(plan.cfg.tpr, plan.rows_per_cta);
-  layer_norm_bwd_kernel<T, VEC, ITEMS>
-      <<<static_cast<unsigned>(plan.grid), block, plan.smem, stream>>>(p, plan.want_partials,
+  const auto kernel = layer_norm_bwd_kernel<T, VEC, ITEMS>;
+  TX_LAUNCH(kernel, static_cast<unsigned>(plan.grid), block, plan.smem, stream)(p, plan.want_partials,
                                                                        ws_vec);
 }
 
@@ -683,19 +685,18 @@ cudaError_t layer_norm_bwd_typed(const LayerNormBwdParams& p, int num_sms, cudaS
     err = plan.vec ? dispatch_bwd<T, V>(p, plan, ws_vec, stream)
                    : dispatch_bwd<T, 1>(p, plan, ws_vec, stream);
   } else {
-    layer_norm_bwd_dx_fallback_kernel<T>
-        <<<static_cast<unsigned>(plan.grid), kFallbackThreads, 0, stream>>>(p);
+    TX_LAUNCH(layer_norm_bwd_dx_fallback_kernel<T>, static_cast<unsigned>(plan.grid), kFallbackThreads, 0, stream)(p);
     err = cudaGetLastError();
     if (err == cudaSuccess && plan.want_partials) {
       const dim3 grid(static_cast<unsigned>(plan.col_grid_x), static_cast<unsigned>(plan.partials));
-      layer_norm_bwd_colsum_kernel<T><<<grid, dim3(kColTileX, kColTileY), 0, stream>>>(p);
+      TX_LAUNCH(layer_norm_bwd_colsum_kernel<T>, grid, dim3(kColTileX, kColTileY), 0, stream)(p);
       err = cudaGetLastError();
     }
   }
   if (err != cudaSuccess || !plan.want_partials) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{kColTileX});
-  layer_norm_bwd_finalize_kernel<<<static_cast<unsigned>(grid), dim3(kColTileX, kColTileY), 0,
-                                   stream>>>(p.workspace, plan.partials, p.cols, p.grad_weight,
+  TX_LAUNCH(layer_norm_bwd_finalize_kernel, static_cast<unsigned>(grid), dim3(kColTileX, kColTileY), 0,
+                                   stream)(p.workspace, plan.partials, p.cols, p.grad_weight,
                                              p.grad_bias);
   return cudaGetLastError();
 }

@@ -1,0 +1,129 @@
+// emu_ops.cpp: the CUDA emulator backend, torch.ops.tx_kernels_emu.* on CPU tensors: the CUDA
+// backend's own implementations (device_ops.h) calling the CUDA kernels built for the CPU
+// execution harness (csrc/emu). That library is built for tests only (tx_kernels/emu.py) and
+// loaded at run time by tx_kernels_emu::_load, so a normal build compiles none of it.
+#include <dlfcn.h>
+
+#include <mutex>
+#include <string>
+
+#include "../emu/api.h"
+#include "device_ops.h"
+#include "registry.h"
+
+namespace tx_kernels::binding {
+namespace {
+
+// The loaded library and the emulated device: process state of this backend, set from Python.
+struct EmuState {
+  std::mutex mutex;
+  const emu::Api* api = nullptr;
+  std::string device_name = "H100";
+  emu::Device device{nullptr, 132, 232448};
+};
+
+EmuState& state() {
+  static EmuState s;
+  return s;
+}
+
+const emu::Api& api() {
+  const emu::Api* a = state().api;
+  TORCH_CHECK(a != nullptr,
+              "tx_kernels: the CUDA emulator is not loaded; call tx_kernels.emu.load() first (it builds "
+              "csrc/kernels for the CPU execution harness)");
+  return *a;
+}
+
+emu::Device device() {
+  emu::Device d = state().device;
+  d.name = state().device_name.c_str();
+  return d;
+}
+
+void check_launch(const emu::Api& a, int err, const char* op) {
+  constexpr int kNotSupported = 801;  // cudaErrorNotSupported
+  TORCH_CHECK_TYPE(err != kNotSupported, "tx_kernels: ", op,
+                   " has no CUDA kernel for these arguments' dtype (", a.error_string(err), ")");
+  TORCH_CHECK(err == 0, "tx_kernels: CUDA kernel of ", op, " failed: ", a.error_string(err), " (",
+              err, ")");
+}
+
+struct Emulator {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+
+  static void check_on_device(const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "tx_kernels: `", name,
+                      "` must be a CPU tensor for the CUDA emulator, got one on ", t.device());
+    api();
+  }
+
+  static DeviceInfo info() { return DeviceInfo{state().device.num_sms, state().device.max_smem_per_block_optin}; }
+
+  static size_t attention_fwd_workspace_bytes(const AttentionParams& p) {
+    return api().attention_fwd_workspace_bytes(p);
+  }
+  static void attention_fwd(const AttentionParams& p, void* ws, size_t bytes) {
+    check_launch(api(), api().attention_fwd(p, ws, bytes, device()), "attention_fwd");
+  }
+  static size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) {
+    return api().attention_bwd_workspace_bytes(p);
+  }
+  static void attention_bwd(const AttentionBwdParams& p, size_t bytes) {
+    check_launch(api(), api().attention_bwd(p, bytes, device()), "attention_bwd");
+  }
+  static void layer_norm_fwd(const LayerNormParams& p) {
+    check_launch(api(), api().layer_norm_fwd(p, device()), "layer_norm_fwd");
+  }
+  static size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) {
+    return api().layer_norm_bwd_workspace_bytes(p, num_sms);
+  }
+  static void layer_norm_bwd(const LayerNormBwdParams& p, size_t bytes, int) {
+    check_launch(api(), api().layer_norm_bwd(p, bytes, device()), "layer_norm_bwd");
+  }
+  static void bias_act_fwd(const BiasActParams& p) {
+    check_launch(api(), api().bias_act_fwd(p, device()), "bias_act_fwd");
+  }
+  static size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, int num_sms) {
+    return api().bias_act_bwd_workspace_bytes(p, num_sms);
+  }
+  static void bias_act_bwd(const BiasActBwdParams& p, size_t bytes, int) {
+    check_launch(api(), api().bias_act_bwd(p, bytes, device()), "bias_act_bwd");
+  }
+};
+
+void load(c10::string_view path) {
+  const std::string file(path);
+  void* handle = dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(handle != nullptr, "tx_kernels: cannot load the CUDA emulator library ", file, ": ", dlerror());
+  auto entry = reinterpret_cast<const emu::Api* (*)()>(dlsym(handle, "tx_kernels_emu_api"));
+  TORCH_CHECK(entry != nullptr, "tx_kernels: ", file, " is not a CUDA emulator library");
+  const emu::Api* a = entry();
+  TORCH_CHECK(a->version == emu::kApiVersion, "tx_kernels: ", file, " has emulator API version ",
+              a->version, ", this build expects ", emu::kApiVersion, "; rebuild it");
+  std::lock_guard<std::mutex> lock(state().mutex);
+  state().api = a;
+}
+
+void set_device(c10::string_view name, int64_t num_sms, int64_t max_smem_per_block_optin) {
+  TORCH_CHECK_VALUE(num_sms > 0 && max_smem_per_block_optin >= 48 * 1024,
+                    "tx_kernels: an emulated device needs num_sms > 0 and at least 48 KiB of shared memory");
+  std::lock_guard<std::mutex> lock(state().mutex);
+  state().device_name = std::string(name);
+  state().device.num_sms = static_cast<int>(num_sms);
+  state().device.max_smem_per_block_optin = max_smem_per_block_optin;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tx_kernels_emu, m) {
+  define_ops(m);
+  m.def("_load(str path) -> ()", &load);
+  m.def("_set_device(str name, int num_sms, int max_smem_per_block_optin) -> ()", &set_device);
+}
+
+TORCH_LIBRARY_IMPL(tx_kernels_emu, CPU, m) { DeviceOps<Emulator>::register_impls(m); }
+
+}  // namespace tx_kernels::binding

@@ -1,0 +1,183 @@
+// api.cpp: the emulated library's entry table (api.h). Each entry opens a call scope whose buffers
+// are exactly the extents params.h lets the kernels reach (a tensor's extent is computed from its
+// sizes and strides, so an access past a strided view's last element is out of bounds even when
+// the storage behind it is larger), then runs the real launcher.
+#include <initializer_list>
+#include <vector>
+
+#include "../kernels/launchers.h"
+#include "api.h"
+#include "runtime.h"
+
+namespace tx_kernels::emu {
+namespace {
+
+size_t element_bytes(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat64: return 8;
+    case DType::kBool: return 1;
+    default: return 4;
+  }
+}
+
+// Bytes from the first to one past the last element of a strided view (0 if it has none).
+size_t extent(DType t, std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides, int64_t inner) {
+  int64_t last = 0;
+  auto st = strides.begin();
+  for (int64_t n : sizes) {
+    if (n <= 0) return 0;
+    last += (n - 1) * *st++;
+  }
+  if (inner <= 0) return 0;
+  return static_cast<size_t>(last + inner) * element_bytes(t);
+}
+
+class Scope {
+ public:
+  explicit Scope(const Device& d) : device_{d.name, d.num_sms, d.max_smem_per_block_optin} {}
+  void add(const void* p, size_t bytes, const char* name) {
+    if (p != nullptr && bytes > 0) buffers_.push_back(txemu::Buffer{p, bytes, name});
+  }
+  template <typename F>
+  int run(F&& launch) {
+    txemu::set_call(device_, buffers_.data(), static_cast<int>(buffers_.size()));
+    const cudaError_t err = launch();
+    txemu::clear_call();
+    return static_cast<int>(err);
+  }
+
+ private:
+  txemu::DeviceDesc device_;
+  std::vector<txemu::Buffer> buffers_;
+};
+
+void add_attention_inputs(Scope& s, const AttentionParams& p) {
+  const DType t = p.dtype;
+  s.add(p.q, extent(t, {p.batch, p.heads, p.q_len}, {p.q_stride[0], p.q_stride[1], p.q_stride[2]}, p.head_dim), "query");
+  s.add(p.k, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.k_stride[0], p.k_stride[1], p.k_stride[2]}, p.head_dim), "key");
+  s.add(p.v, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.v_stride[0], p.v_stride[1], p.v_stride[2]}, p.v_head_dim), "value");
+  s.add(p.out, extent(t, {p.batch, p.heads, p.q_len}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim), "out");
+  s.add(p.lse, extent(DType::kFloat32, {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len), "logsumexp");
+  if (p.mask_kind != MaskKind::kNone) {
+    const int64_t* m = p.mask_stride;
+    s.add(p.mask, extent(p.mask_dtype, {p.batch, p.heads, p.q_len, p.kv_len}, {m[0], m[1], m[2], m[3]}, 1), "attn_mask");
+  }
+}
+
+size_t attention_fwd_workspace_bytes(const AttentionParams& p) { return tx_kernels::attention_fwd_workspace_bytes(p); }
+
+int attention_fwd(const AttentionParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
+  Scope s(d);
+  add_attention_inputs(s, p);
+  s.add(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return attention_fwd_cuda(p, workspace, workspace_bytes, nullptr); });
+}
+
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) { return tx_kernels::attention_bwd_workspace_bytes(p); }
+
+int attention_bwd(const AttentionBwdParams& p, size_t workspace_bytes, const Device& d) {
+  Scope s(d);
+  add_attention_inputs(s, p);
+  const DType t = p.dtype;
+  const int64_t* g = p.grad_out_stride;
+  s.add(p.grad_out, extent(t, {p.batch, p.heads, p.q_len}, {g[0], g[1], g[2]}, p.v_head_dim), "grad_out");
+  s.add(p.dq, extent(t, {p.batch, p.heads, p.q_len}, {p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]}, p.head_dim), "grad_query");
+  s.add(p.dk, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
+  s.add(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
+  s.add(p.dmask, extent(DType::kFloat32, {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
+  s.add(p.workspace, workspace_bytes, "workspace");
+  return s.run([&] { return attention_bwd_cuda(p, nullptr); });
+}
+
+size_t rows_bytes(DType t, int64_t rows, int64_t row_stride, int64_t cols) {
+  return extent(t, {rows}, {row_stride}, cols);
+}
+
+int layer_norm_fwd(const LayerNormParams& p, const Device& d) {
+  Scope s(d);
+  const DType t = p.dtype;
+  s.add(p.input, rows_bytes(t, p.rows, p.input_row_stride, p.cols), "input");
+  s.add(p.residual, rows_bytes(t, p.rows, p.residual_row_stride, p.cols), "residual");
+  s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
+  s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
+  s.add(p.out, rows_bytes(t, p.rows, p.cols, p.cols), "out");
+  s.add(p.residual_out, rows_bytes(t, p.rows, p.cols, p.cols), "residual_out");
+  s.add(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
+  s.add(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
+  return s.run([&] { return layer_norm_fwd_cuda(p, nullptr); });
+}
+
+size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) {
+  return tx_kernels::layer_norm_bwd_workspace_bytes(p, num_sms);
+}
+
+int layer_norm_bwd(const LayerNormBwdParams& p, size_t workspace_bytes, const Device& d) {
+  Scope s(d);
+  const DType t = p.dtype;
+  const size_t matrix = rows_bytes(t, p.rows, p.cols, p.cols);
+  s.add(p.grad_out, matrix, "grad_out");
+  s.add(p.grad_residual_out, matrix, "grad_residual_out");
+  s.add(p.input, matrix, "input");
+  s.add(p.residual, matrix, "residual");
+  s.add(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
+  s.add(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
+  s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
+  s.add(p.grad_input, matrix, "grad_input");
+  s.add(p.grad_weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_weight");
+  s.add(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.add(p.workspace, workspace_bytes, "workspace");
+  return s.run([&] { return layer_norm_bwd_cuda(p, d.num_sms, nullptr); });
+}
+
+void add_bias_act_inputs(Scope& s, const BiasActParams& p) {
+  s.add(p.input, rows_bytes(p.dtype, p.rows, p.input_row_stride, p.cols), "input");
+  s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
+  s.add(p.out, rows_bytes(p.dtype, p.rows, p.cols, p.cols), "out");
+}
+
+int bias_act_fwd(const BiasActParams& p, const Device& d) {
+  Scope s(d);
+  add_bias_act_inputs(s, p);
+  return s.run([&] { return bias_act_fwd_cuda(p, nullptr); });
+}
+
+size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, int num_sms) {
+  return tx_kernels::bias_act_bwd_workspace_bytes(p, num_sms);
+}
+
+int bias_act_bwd(const BiasActBwdParams& p, size_t workspace_bytes, const Device& d) {
+  Scope s(d);
+  add_bias_act_inputs(s, p);
+  const size_t matrix = rows_bytes(p.dtype, p.rows, p.cols, p.cols);
+  s.add(p.grad_out, matrix, "grad_out");
+  s.add(p.grad_input, matrix, "grad_input");
+  s.add(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.add(p.workspace, workspace_bytes, "workspace");
+  return s.run([&] { return bias_act_bwd_cuda(p, d.num_sms, nullptr); });
+}
+
+const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+const Api kApi = {
+    kApiVersion,
+    &attention_fwd_workspace_bytes,
+    &attention_fwd,
+    &attention_bwd_workspace_bytes,
+    &attention_bwd,
+    &layer_norm_fwd,
+    &layer_norm_bwd_workspace_bytes,
+    &layer_norm_bwd,
+    &bias_act_fwd,
+    &bias_act_bwd_workspace_bytes,
+    &bias_act_bwd,
+    &error_string,
+};
+
+}  // namespace
+}  // namespace tx_kernels::emu
+
+extern "C" __attribute__((visibility("default"))) const tx_kernels::emu::Api* tx_kernels_emu_api() {
+  return &tx_kernels::emu::kApi;
+}
