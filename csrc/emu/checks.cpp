@@ -98,8 +98,8 @@ void global_access(Fiber* f, uintptr_t a, size_t bytes, bool write, const void* 
     if (a >= seg.first && a + bytes <= seg.second) return;
   }
   report(Severity::kFatal, cudaErrorIllegalAddress,
-         describe_thread(f) + ": out-of-bounds global " + access_name(bytes, write) + " at " + hex(a) + ", " +
-             nearest_buffer(L, a),
+         "out-of-bounds global access: " + describe_thread(f) + " " + access_name(bytes, write) + " at " + hex(a) +
+             ", " + nearest_buffer(L, a),
          pc);
 }
 
@@ -126,7 +126,8 @@ void shared_bounds_error(Fiber* f, uintptr_t a, size_t bytes, bool write, const 
     where = "outside every shared-memory array of the block";
   }
   report(Severity::kFatal, cudaErrorIllegalAddress,
-         describe_thread(f) + ": out-of-bounds shared " + access_name(bytes, write) + " at " + shared_offset(b, a) + ", " + where,
+         "out-of-bounds shared access: " + describe_thread(f) + " " + access_name(bytes, write) + " at " +
+             shared_offset(b, a) + ", " + where,
          pc);
 }
 
@@ -168,8 +169,8 @@ void shared_access(Fiber* f, uintptr_t a, size_t bytes, bool write, const void* 
     }
     if (!write && !s.written) {
       report(Severity::kError, cudaErrorLaunchFailure,
-             describe_thread(f) + " " + access_name(bytes, write) + " at " + shared_offset(b, a + i) +
-                 ": shared memory never written in this block",
+             "uninitialized shared memory: " + describe_thread(f) + " " + access_name(bytes, write) + " at " +
+                 shared_offset(b, a + i) + ", never written in this block",
              pc);
       break;
     }
@@ -201,7 +202,9 @@ void check_shared_by(Fiber* f, const void* p, size_t bytes, bool write, const vo
   const Block& b = *f->block;
   if (a - reinterpret_cast<uintptr_t>(b.arena) >= b.arena_bytes) {
     report(Severity::kFatal, cudaErrorIllegalAddress,
-           describe_thread(f) + ": " + access_name(bytes, write) + " at " + hex(a) + " where shared memory was expected", pc);
+           "out-of-bounds shared access: " + describe_thread(f) + " " + access_name(bytes, write) + " at " + hex(a) +
+               ", which is not shared memory",
+           pc);
   }
   shared_access(f, a, bytes, write, pc);
 }
@@ -262,6 +265,7 @@ void record(LaunchState& L, Severity severity, cudaError_t error, const std::str
   const size_t conflicts = what.find(" conflicts");
   const std::string key = what.substr(0, what.find(':')) + "@" + hex(reinterpret_cast<uintptr_t>(pc)) +
                           (conflicts == std::string::npos ? "" : what.substr(what.rfind("(at ")));
+  // Messages are "<kind>: <details>"; the kind, the place and (for races) the other place make the key.
   bool fresh = true;
   for (const std::string& s : L.seen) fresh = fresh && s != key;
   if (fresh && L.reports.size() < 12) {

@@ -80,6 +80,7 @@ Worker& this_worker() {
 }
 
 void complete_cp_async_group(Fiber& f, size_t end);
+std::string state_name(const Fiber& f, const Block& b);
 
 void fiber_main(void* arg) {
   Fiber& f = *static_cast<Fiber*>(arg);
@@ -88,6 +89,13 @@ void fiber_main(void* arg) {
   // Copies still in flight land eventually on the hardware too.
   if (!f.cp_pending.empty()) complete_cp_async_group(f, f.cp_pending.size());
   f.cp_group_ends.clear();
+  const Warp& w = b.warps[f.tid >> 5];
+  if (w.arrived != 0 && (w.mask >> (f.tid & 31) & 1u)) {
+    report(Severity::kFatal, cudaErrorLaunchFailure,
+           "invalid warp collective: " + describe_thread(&f) + " exits while lanes of its warp wait for it in " +
+               state_name(b.fibers[(f.tid & ~31) + __builtin_ctz(w.arrived)], b) + ", which has exited",
+           nullptr);
+  }
   f.state = FiberState::kExited;
   --b.live;
   ++b.exited;
@@ -120,7 +128,7 @@ std::string state_name(const Fiber& f, const Block& b) {
 
 void report_deadlock(Block& b) {
   std::ostringstream os;
-  os << "deadlock in block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << "): no thread can proceed;";
+  os << "deadlock: block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << "): no thread can proceed;";
   int shown = 0;
   for (int t = 0; t < b.nthreads && shown < 8; ++t) {
     const Fiber& f = b.fibers[t];
@@ -354,8 +362,8 @@ void compute_shfl(Block& b, Warp& w, int warp) {
     if (src < base || src >= base + width) src = lane;  // outside the segment: own value
     if (!(w.mask >> src & 1u)) {
       report(Severity::kError, cudaErrorLaunchFailure,
-             describe_thread(&b.fibers[warp * 32 + lane]) + " shuffles from lane " + std::to_string(src) +
-                 ", which is not in the mask (undefined value)",
+             "invalid warp collective: " + describe_thread(&b.fibers[warp * 32 + lane]) + " shuffles from lane " +
+                 std::to_string(src) + ", which is not in the mask (undefined value)",
              in.pc);
     }
     uint64_t v = w.in[src].value;
@@ -374,11 +382,11 @@ void compute_ldmatrix(Block& b, Warp& w, int warp) {
     const CollectiveIn& in = w.in[lane];
     Fiber* f = &b.fibers[warp * 32 + lane];
     if (in.trans != trans) {
-      report(Severity::kError, cudaErrorLaunchFailure, "lanes of one warp mix ldmatrix and ldmatrix.trans", in.pc);
+      report(Severity::kError, cudaErrorLaunchFailure, "invalid warp collective: lanes of one warp mix ldmatrix and ldmatrix.trans", in.pc);
     }
     if (reinterpret_cast<uintptr_t>(in.address) % 16 != 0) {
       report(Severity::kFatal, cudaErrorMisalignedAddress,
-             describe_thread(f) + ": ldmatrix row address not 16-byte aligned", in.pc);
+             "misaligned address: " + describe_thread(f) + " gives ldmatrix a row address not 16-byte aligned", in.pc);
     }
     check_shared_by(f, in.address, 16, false, in.pc);
     std::memcpy(rows[lane / 8][lane % 8], in.address, 16);
@@ -407,7 +415,7 @@ void compute_mma(Block& b, Warp& w, int warp) {
   const MmaType type = w.in[0].type;
   for (int lane = 0; lane < 32; ++lane) {
     const CollectiveIn& in = w.in[lane];
-    if (in.type != type) report(Severity::kError, cudaErrorLaunchFailure, "lanes of one warp mix mma types", in.pc);
+    if (in.type != type) report(Severity::kError, cudaErrorLaunchFailure, "invalid warp collective: lanes of one warp mix mma types", in.pc);
     const int g = lane / 4, tig = lane % 4;
     for (int i = 0; i < 8; ++i) {
       const uint16_t bits = static_cast<uint16_t>(in.a[i / 2] >> (16 * (i & 1)));
@@ -446,11 +454,11 @@ void collective(Collective op, unsigned mask, const CollectiveIn& in, void* out)
   const int lanes = std::min(32, b.nthreads - warp * 32);
   const unsigned existing = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
   if (!(mask >> lane & 1u)) {
-    report(Severity::kFatal, cudaErrorLaunchFailure, describe_thread(&f) + " calls a warp collective whose mask excludes itself", in.pc);
+    report(Severity::kFatal, cudaErrorLaunchFailure, "invalid warp collective: " + describe_thread(&f) + " calls a warp collective whose mask excludes itself", in.pc);
   }
   if (mask & ~existing) {
     report(Severity::kFatal, cudaErrorLaunchFailure,
-           describe_thread(&f) + " names lanes that do not exist in a warp collective (the block has " +
+           "invalid warp collective: " + describe_thread(&f) + " names lanes that do not exist (the block has " +
                std::to_string(b.nthreads) + " threads)",
            in.pc);
   }
@@ -459,14 +467,15 @@ void collective(Collective op, unsigned mask, const CollectiveIn& in, void* out)
     w.mask = mask;
   } else if (w.op != op || w.mask != mask) {
     report(Severity::kFatal, cudaErrorLaunchFailure,
-           describe_thread(&f) + " reaches a different warp collective (or mask) than lanes already waiting in " +
+           "invalid warp collective: " + describe_thread(&f) + " reaches a different collective (or mask) than lanes waiting in " +
                state_name(b.fibers[warp * 32 + __builtin_ctz(w.arrived)], b),
            in.pc);
   }
   for (int l = 0; l < lanes; ++l) {
     if ((mask >> l & 1u) && b.fibers[warp * 32 + l].state == FiberState::kExited) {
       report(Severity::kFatal, cudaErrorLaunchFailure,
-             describe_thread(&f) + " waits in a warp collective for lane " + std::to_string(l) + ", which has exited", in.pc);
+             "invalid warp collective: " + describe_thread(&f) + " waits for lane " + std::to_string(l) + ", which has exited",
+             in.pc);
     }
   }
   w.in[lane] = in;
@@ -504,7 +513,7 @@ uint64_t shfl(unsigned mask, uint64_t value, int bytes, ShflMode mode, int arg, 
   CollectiveIn in;
   in.pc = __builtin_return_address(0);
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
-    report(Severity::kFatal, cudaErrorLaunchFailure, "shuffle width " + std::to_string(width) + " is not a power of two <= 32", in.pc);
+    report(Severity::kFatal, cudaErrorLaunchFailure, "invalid warp collective: shuffle width " + std::to_string(width) + " is not a power of two <= 32", in.pc);
   }
   in.value = value;
   in.bytes = bytes;
@@ -555,7 +564,7 @@ void* static_shared(const char* file, int line, size_t bytes, size_t align) {
   if (lo + bytes > end || b.static_bytes > 48 * 1024 ||
       static_cast<int64_t>(b.static_bytes + b.launch->dynamic_smem) > dev.max_smem_per_block_optin) {
     report(Severity::kFatal, cudaErrorInvalidValue,
-           "static __shared__ arrays of " + std::to_string(b.static_bytes) + " bytes plus " +
+           "too much shared memory: static __shared__ arrays of " + std::to_string(b.static_bytes) + " bytes plus " +
                std::to_string(b.launch->dynamic_smem) + " dynamic bytes exceed the limits of " + dev.name,
            __builtin_return_address(0));
   }
@@ -582,10 +591,10 @@ void cp_async(void* smem_dst, const void* gmem_src, int bytes, int src_bytes) {
   Fiber& f = current("cp.async");
   const void* pc = __builtin_return_address(0);
   if ((bytes != 4 && bytes != 8 && bytes != 16) || src_bytes < 0 || src_bytes > bytes) {
-    report(Severity::kFatal, cudaErrorLaunchFailure, "cp.async of " + std::to_string(bytes) + " bytes (src-size " + std::to_string(src_bytes) + ")", pc);
+    report(Severity::kFatal, cudaErrorLaunchFailure, "invalid cp.async: " + std::to_string(bytes) + " bytes (src-size " + std::to_string(src_bytes) + ")", pc);
   }
   if (reinterpret_cast<uintptr_t>(smem_dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(gmem_src) % bytes != 0)) {
-    report(Severity::kFatal, cudaErrorMisalignedAddress, describe_thread(&f) + ": cp.async address not aligned to its size", pc);
+    report(Severity::kFatal, cudaErrorMisalignedAddress, "misaligned address: " + describe_thread(&f) + " issues a cp.async not aligned to its size", pc);
   }
   check_shared_by(&f, smem_dst, static_cast<size_t>(bytes), true, pc);
   if (src_bytes > 0) check_global_by(&f, gmem_src, static_cast<size_t>(src_bytes), false, pc);
