@@ -93,10 +93,12 @@ def build(kernel_sources=None, extra_sources=(), name="tx_kernels_emu", jobs=Non
     lib = cache / f"lib{name}.so"
     if lib.is_file():
         return str(lib)
-    cache.mkdir(parents=True, exist_ok=True)
+    # Objects in a folder of this process's own, so concurrent test processes never share one.
+    objdir = cache / f"obj-{os.getpid()}"
+    objdir.mkdir(parents=True, exist_ok=True)
 
     def compile_one(src, kernel):
-        obj = cache / (src.name + ".o")
+        obj = objdir / (src.name + ".o")
         cmd = [cxx] + _COMMON + (_KERNEL if kernel else []) + include + ["-c", str(src), "-o", str(obj)]
         if verbose:
             print(" ".join(cmd))
@@ -117,6 +119,7 @@ def build(kernel_sources=None, extra_sources=(), name="tx_kernels_emu", jobs=Non
     if done.returncode != 0:
         raise RuntimeError(f"linking the CUDA emulator failed:\n{done.stderr[-6000:]}")
     os.replace(tmp, lib)
+    shutil.rmtree(objdir, ignore_errors=True)
     return str(lib)
 
 

@@ -82,6 +82,23 @@ Worker& this_worker() {
 void complete_cp_async_group(Fiber& f, size_t end);
 std::string state_name(const Fiber& f, const Block& b);
 
+// Completes a __syncthreads. One that waits for threads which have exited is divergent: the
+// programming guide leaves it undefined (sm_70+ hardware happens to count exited threads as
+// arrived), so it is reported rather than relied on.
+void release_barrier(Block& b) {
+  if (b.exited > 0) {
+    std::ostringstream os;
+    os << "divergent barrier: __syncthreads in block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z
+       << ") completed after " << b.exited << " of its " << b.nthreads << " threads had exited";
+    record(*b.launch, Severity::kError, cudaErrorLaunchFailure, os.str(), nullptr);
+  }
+  b.arrived = 0;
+  ++b.epoch;
+  for (int t = 0; t < b.nthreads; ++t) {
+    if (b.fibers[t].state == FiberState::kBarrier) b.fibers[t].state = FiberState::kRunnable;
+  }
+}
+
 void fiber_main(void* arg) {
   Fiber& f = *static_cast<Fiber*>(arg);
   Block& b = *f.block;
@@ -99,14 +116,7 @@ void fiber_main(void* arg) {
   f.state = FiberState::kExited;
   --b.live;
   ++b.exited;
-  if (b.arrived > 0 && b.arrived >= b.live) {
-    // Everyone still alive waits at the barrier: the exited threads no longer hold it up.
-    b.arrived = 0;
-    ++b.epoch;
-    for (int t = 0; t < b.nthreads; ++t) {
-      if (b.fibers[t].state == FiberState::kBarrier) b.fibers[t].state = FiberState::kRunnable;
-    }
-  }
+  if (b.arrived > 0 && b.arrived >= b.live) release_barrier(b);
   switch_context(&f.ctx, b.scheduler);
   std::abort();  // an exited fiber is never resumed
 }
@@ -320,11 +330,7 @@ void syncthreads() {
   Block& b = *f.block;
   ++b.arrived;
   if (b.arrived >= b.live) {
-    b.arrived = 0;
-    ++b.epoch;
-    for (int t = 0; t < b.nthreads; ++t) {
-      if (b.fibers[t].state == FiberState::kBarrier) b.fibers[t].state = FiberState::kRunnable;
-    }
+    release_barrier(b);
     return;
   }
   f.state = FiberState::kBarrier;
