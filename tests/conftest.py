@@ -60,3 +60,58 @@ def poison():
     assert torch.empty(4).isnan().all(), "junk fill did not take effect"
     yield
     flag.value = old
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernel backends (tests/test_cuda_*.py): the emulator always, a GPU when present
+# ----------------------------------------------------------------------------------------------
+import cuda_backends  # noqa: E402
+
+
+@pytest.fixture(params=cuda_backends.backend_names())
+def cuda_backend(request, monkeypatch):
+    name = request.param
+    request.node.user_properties.append(("cuda_backend", name))
+    if name == "emu":
+        cuda_backends.load_emulator()
+        # Junk-filled CPU allocations for the whole test: every output element the kernel does
+        # not write reads as NaN (fp32/fp16/bf16 halves) or ~1.7e308 (fp64).
+        request.getfixturevalue("poison")
+    cuda_backends.activate(name, monkeypatch)
+    yield cuda_backends.BE
+    cuda_backends.deactivate()
+
+
+def pytest_runtest_logreport(report):
+    backend = dict(report.user_properties).get("cuda_backend")
+    if backend is None or (report.when != "call" and not (report.when == "setup" and report.outcome != "passed")):
+        return
+    key = (report.nodeid.split("::")[0], backend, report.outcome)
+    cuda_backends.CASES[key] = cuda_backends.CASES.get(key, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not cuda_backends.CASES:
+        return
+    terminalreporter.section("CUDA kernel cases per backend")
+    for (path, name, outcome), n in sorted(cuda_backends.CASES.items()):
+        terminalreporter.write_line(f"{path}: {n} {name} cases {outcome}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_only: a CUDA kernel case too large for the emulator (not collected for emu)")
+    config.addinivalue_line("markers", "emu_only: a case about the emulated device itself (not collected for cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("cuda_backend")
+        if (backend == "emu" and item.get_closest_marker("gpu_only")) or \
+                (backend == "cuda" and item.get_closest_marker("emu_only")):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -1,0 +1,170 @@
+"""The backends the CUDA kernel tests run on, and what those tests share.
+
+Every test of tests/test_cuda_*.py runs once per backend: "emu" (always: csrc/kernels/*.cu run
+thread by thread on the CPU by tx_kernels.emu, CPU tensors, torch.ops.tx_kernels_emu) and "cuda"
+(a real GPU, when present and this build has the CUDA kernels). The tests read the active backend
+from BE (set by the `cuda_backend` fixture of conftest.py): BE.device for tensors, BE.ops for the
+operators, BE.poison_blocks / BE.sync around the calls.
+
+While "emu" is active, tx_kernels.functional and the autograd formulas of tx_kernels.ops call the
+emulated operators, so TF.* and loss.backward() run the emulated CUDA kernels (the same Python
+glue that routes to the real GPU).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tx_kernels
+import tx_kernels.functional
+import tx_kernels.ops
+
+CPU_OPS = torch.ops.tx_kernels  # the C++ CPU kernels, for cross-checks that must not be emulated
+
+
+def gpu_present():
+    return torch.cuda.is_available() and tx_kernels.ops.has_cuda_kernels()
+
+
+def backend_names():
+    return ["emu"] + (["cuda"] if gpu_present() else [])
+
+
+class _Backend:
+    name = None
+    device = None
+    ops = None
+
+    @property
+    def emu(self):
+        return self.name == "emu"
+
+    def sync(self):
+        if self.name == "cuda":
+            torch.cuda.synchronize()
+
+    def poison_blocks(self, nbytes_list):
+        """Steer the op's next allocations onto NaN memory; returns the poisoned addresses.
+
+        cuda: allocate all-ones blocks of the given byte sizes and free them, so the caching
+        allocator (512-byte size classes, same stream) hands them to the op's outputs. All-ones
+        bytes are NaN in fp16, bf16, fp32 and fp64 alike.
+        emu: nothing to do; c10's junk fill (conftest's `poison`) is on for the whole test, so
+        every CPU allocation, the op's outputs and workspaces included, starts as junk."""
+        if self.name != "cuda":
+            return []
+        self.sync()
+        bufs = [torch.full((max(int(n), 1),), 255, dtype=torch.uint8, device="cuda") for n in nbytes_list]
+        ptrs = [b.data_ptr() for b in bufs]
+        del bufs
+        return ptrs
+
+
+BE = _Backend()
+
+# Per-backend case counters for the session summary (conftest.pytest_terminal_summary).
+CASES = {}
+
+
+_EMU_STATE = {}
+
+
+def load_emulator():
+    """emu.load() once per session. An emulator that cannot be built is a skip with the reason,
+    except under CI, where it must be there; any other error propagates."""
+    if "error" in _EMU_STATE:
+        _skip_or_fail(_EMU_STATE["error"])
+    if "path" in _EMU_STATE:
+        return _EMU_STATE["path"]
+    import tx_kernels.emu as emu
+
+    try:
+        _EMU_STATE["path"] = emu.load()
+    except emu.EmulatorUnavailable as e:
+        _EMU_STATE["error"] = str(e)
+        _skip_or_fail(str(e))
+    _register_emu_autograd()
+    return _EMU_STATE["path"]
+
+
+def _skip_or_fail(reason):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but the CUDA emulator is unavailable: {reason}", pytrace=False)
+    pytest.skip(f"CUDA emulator unavailable: {reason}")
+
+
+def _register_emu_autograd():
+    # The formulas of tx_kernels/ops.py look `ops` up at call time, so with the module global
+    # pointed at tx_kernels_emu (see activate) they call the emulated backward kernels.
+    O = tx_kernels.ops
+    for op, backward, setup in [
+            ("attention_fwd", O._attention_backward, O._attention_setup_context),
+            ("layer_norm_fwd", O._layer_norm_backward, O._layer_norm_setup_context),
+            ("add_layer_norm_fwd", O._add_layer_norm_backward, O._add_layer_norm_setup_context),
+            ("bias_act_fwd", O._bias_act_backward, O._bias_act_setup_context)]:
+        torch.library.register_autograd(f"tx_kernels_emu::{op}", backward, setup_context=setup)
+
+
+def activate(name, monkeypatch):
+    BE.name = name
+    if name == "emu":
+        BE.device = "cpu"
+        BE.ops = torch.ops.tx_kernels_emu
+        monkeypatch.setattr(tx_kernels.ops, "ops", BE.ops)
+        monkeypatch.setattr(tx_kernels.functional, "ops", BE.ops)
+    else:
+        BE.device = "cuda"
+        BE.ops = torch.ops.tx_kernels
+
+
+def deactivate():
+    BE.name = BE.device = BE.ops = None
+
+
+def allocation_sizes(fn):
+    """Byte sizes of the CPU allocations made while fn() runs (an emulated op's outputs and
+    workspaces); returns (fn's result, sizes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, [ev.cpu_memory_usage for ev in prof.events() if ev.cpu_memory_usage > 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox: an independent NumPy re-implementation of csrc/kernels/philox.h's scheme
+# ----------------------------------------------------------------------------------------------
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_words(group, offset, seed):
+    """Philox4x32-10 of counter (group lo, group hi, offset lo, offset hi), key (seed lo, hi)."""
+    c0 = group & _MASK32
+    c1 = group >> np.uint64(32)
+    c2 = np.full_like(group, np.uint64(offset) & _MASK32)
+    c3 = np.full_like(group, np.uint64(offset) >> np.uint64(32))
+    k0 = np.uint64(seed) & _MASK32
+    k1 = np.uint64(seed) >> np.uint64(32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _MASK32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _MASK32
+    return np.stack([c0, c1, c2, c3], axis=-1)
+
+
+def philox_keep(numel, p, rng):
+    """Keep decisions of elements 0..numel-1 (flat index) for dropout probability p and the
+    int64 [seed, offset] rng tensor, as a bool tensor of numel elements."""
+    seed = int(rng[0]) % 2**64
+    offset = int(rng[1]) % 2**64
+    idx = np.arange(numel, dtype=np.uint64)
+    words = philox_words(idx >> np.uint64(2), offset, seed)
+    word = np.take_along_axis(words, (idx & np.uint64(3)).astype(np.int64)[:, None], axis=1)[:, 0]
+    p32 = float(np.float32(p))  # the kernels receive p as float
+    threshold = 0 if p32 <= 0 else (0xFFFFFFFF if p32 >= 1 else int(p32 * 4294967296.0))
+    return torch.from_numpy(word >= threshold)
