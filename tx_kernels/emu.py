@@ -69,17 +69,20 @@ def _compiler():
     return cxx
 
 
-def build(kernel_sources=None, extra_sources=(), name="tx_kernels_emu", jobs=None, verbose=False):
+def build(kernel_sources=None, extra_sources=(), api=None, name="tx_kernels_emu", jobs=None, verbose=False):
     """Compiles the harness with `kernel_sources` (default: csrc/kernels/*.cu) and `extra_sources`
     (also built as kernel code, e.g. a test's own kernels) into one shared library and returns its
-    path. Rebuilt only when a source, header or flag changes."""
+    path; `api` (default: when building csrc/kernels) adds the entry table torch.ops.tx_kernels_emu
+    loads, so a modified copy of the kernels can be loaded in their place. Rebuilt only when a
+    source, header or flag changes."""
     if not (CSRC / "emu" / "runtime.cpp").is_file():
         raise EmulatorUnavailable(f"the CUDA emulator needs the tx_kernels source tree ({CSRC} not found)")
     cxx = _compiler()
-    include = ["-I", cuda_include_dir(), "-I", str(CSRC / "emu"), "-I", str(CSRC / "kernels")]
+    include = ["-I", cuda_include_dir(), "-I", str(CSRC / "emu")]
     kernels = sorted((CSRC / "kernels").glob("*.cu")) if kernel_sources is None else [Path(p) for p in kernel_sources]
     extra = [Path(p) for p in extra_sources]
-    harness = [CSRC / "emu" / f for f in _HARNESS] + ([CSRC / "emu" / "api.cpp"] if kernel_sources is None else [])
+    api = kernel_sources is None if api is None else api
+    harness = [CSRC / "emu" / f for f in _HARNESS] + ([CSRC / "emu" / "api.cpp"] if api else [])
     headers = sorted(CSRC.glob("emu/*.h")) + sorted(CSRC.glob("kernels/*.h")) + sorted(CSRC.glob("kernels/*.cuh"))
 
     digest = hashlib.sha256()
@@ -113,8 +116,12 @@ def build(kernel_sources=None, extra_sources=(), name="tx_kernels_emu", jobs=Non
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
         objects = list(pool.map(lambda w: compile_one(*w), work))
     tmp = cache / f"lib{name}.so.tmp{os.getpid()}"
+    # Export only the entry points: the harness's own CUDA runtime functions must never resolve
+    # another library's calls (a GPU process also has the real libcudart).
+    exports = objdir / "exports.map"
+    exports.write_text("{ global: tx_kernels_emu_api; planted_*; local: *; };\n")
     cmd = [cxx, "-shared", "-o", str(tmp)] + [str(o) for o in objects] + [
-        "-Wl,-z,defs", "-Wl,-Bsymbolic", "-Wl,--exclude-libs,ALL", "-lpthread", "-ldl"]
+        "-Wl,-z,defs", "-Wl,-Bsymbolic", f"-Wl,--version-script={exports}", "-lpthread", "-ldl"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"linking the CUDA emulator failed:\n{done.stderr[-6000:]}")
