@@ -39,6 +39,8 @@ _COMMON = ["-std=c++17", "-O2", "-g1", "-fPIC", "-fvisibility=hidden", "-fno-str
            "-Wno-unknown-pragmas", "-Wno-unused-function"]
 # Kernel sources: every load and store reaches the harness's checkers through ThreadSanitizer's
 # instrumentation, whose runtime csrc/emu/checks.cpp provides (libtsan is never linked).
+_LINK = ["-Wl,-z,defs", "-Wl,-Bsymbolic", "-lpthread", "-ldl"]
+_EXPORTS = "{ global: tx_kernels_emu_api; planted_*; local: *; };\n"
 _KERNEL = ["-x", "c++", "-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0",
            "-include", str(CSRC / "emu" / "device.h")]
 
@@ -87,7 +89,7 @@ def build(kernel_sources=None, extra_sources=(), api=None, name="tx_kernels_emu"
 
     digest = hashlib.sha256()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for part in [version, " ".join(_COMMON + _KERNEL + include)]:
+    for part in [version, " ".join(_COMMON + _KERNEL + include + _LINK), _EXPORTS]:
         digest.update(part.encode())
     for f in harness + kernels + extra + headers:
         digest.update(str(f).encode())
@@ -119,9 +121,8 @@ def build(kernel_sources=None, extra_sources=(), api=None, name="tx_kernels_emu"
     # Export only the entry points: the harness's own CUDA runtime functions must never resolve
     # another library's calls (a GPU process also has the real libcudart).
     exports = objdir / "exports.map"
-    exports.write_text("{ global: tx_kernels_emu_api; planted_*; local: *; };\n")
-    cmd = [cxx, "-shared", "-o", str(tmp)] + [str(o) for o in objects] + [
-        "-Wl,-z,defs", "-Wl,-Bsymbolic", f"-Wl,--version-script={exports}", "-lpthread", "-ldl"]
+    exports.write_text(_EXPORTS)
+    cmd = [cxx, "-shared", "-o", str(tmp)] + [str(o) for o in objects] + _LINK + [f"-Wl,--version-script={exports}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"linking the CUDA emulator failed:\n{done.stderr[-6000:]}")
