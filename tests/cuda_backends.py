@@ -40,6 +40,10 @@ class _Backend:
     def emu(self):
         return self.name == "emu"
 
+    def pick(self, emu_value, gpu_value):
+        """A shape for this backend: the emulator runs every CUDA thread as a fiber on 2 cores."""
+        return emu_value if self.name == "emu" else gpu_value
+
     def sync(self):
         if self.name == "cuda":
             torch.cuda.synchronize()
