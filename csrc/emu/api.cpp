@@ -1,7 +1,9 @@
 // api.cpp: the emulated library's entry table (api.h). Each entry opens a call scope whose buffers
 // are exactly the extents params.h lets the kernels reach (a tensor's extent is computed from its
 // sizes and strides, so an access past a strided view's last element is out of bounds even when
-// the storage behind it is larger), then runs the real launcher.
+// the storage behind it is larger), poisons what the kernels must write (outputs and workspaces
+// become NaN bytes, as fresh device memory holds garbage), then runs the real launcher.
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 
@@ -40,6 +42,12 @@ class Scope {
   void add(const void* p, size_t bytes, const char* name) {
     if (p != nullptr && bytes > 0) buffers_.push_back(txemu::Buffer{p, bytes, name});
   }
+  // A buffer the launch must write in full before reading it: all-ones bytes are NaN in every
+  // floating type, so an element a kernel forgets stays NaN.
+  void output(void* p, size_t bytes, const char* name) {
+    add(p, bytes, name);
+    if (p != nullptr && bytes > 0) std::memset(p, 0xFF, bytes);
+  }
   template <typename F>
   int run(F&& launch) {
     txemu::set_call(device_, buffers_.data(), static_cast<int>(buffers_.size()));
@@ -53,13 +61,18 @@ class Scope {
   std::vector<txemu::Buffer> buffers_;
 };
 
+size_t out_bytes(const AttentionParams& p) {
+  return extent(p.dtype, {p.batch, p.heads, p.q_len}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim);
+}
+size_t lse_bytes(const AttentionParams& p) {
+  return extent(DType::kFloat32, {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len);
+}
+
 void add_attention_inputs(Scope& s, const AttentionParams& p) {
   const DType t = p.dtype;
   s.add(p.q, extent(t, {p.batch, p.heads, p.q_len}, {p.q_stride[0], p.q_stride[1], p.q_stride[2]}, p.head_dim), "query");
   s.add(p.k, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.k_stride[0], p.k_stride[1], p.k_stride[2]}, p.head_dim), "key");
   s.add(p.v, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.v_stride[0], p.v_stride[1], p.v_stride[2]}, p.v_head_dim), "value");
-  s.add(p.out, extent(t, {p.batch, p.heads, p.q_len}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim), "out");
-  s.add(p.lse, extent(DType::kFloat32, {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len), "logsumexp");
   if (p.mask_kind != MaskKind::kNone) {
     const int64_t* m = p.mask_stride;
     s.add(p.mask, extent(p.mask_dtype, {p.batch, p.heads, p.q_len, p.kv_len}, {m[0], m[1], m[2], m[3]}, 1), "attn_mask");
@@ -71,7 +84,9 @@ size_t attention_fwd_workspace_bytes(const AttentionParams& p) { return tx_kerne
 int attention_fwd(const AttentionParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   add_attention_inputs(s, p);
-  s.add(workspace, workspace_bytes, "workspace");
+  s.output(p.out, out_bytes(p), "out");
+  s.output(p.lse, lse_bytes(p), "logsumexp");
+  s.output(workspace, workspace_bytes, "workspace");
   return s.run([&] { return attention_fwd_cuda(p, workspace, workspace_bytes, nullptr); });
 }
 
@@ -80,14 +95,17 @@ size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) { return tx_ke
 int attention_bwd(const AttentionBwdParams& p, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   add_attention_inputs(s, p);
+  s.add(p.out, out_bytes(p), "out");
+  s.add(p.lse, lse_bytes(p), "logsumexp");
   const DType t = p.dtype;
   const int64_t* g = p.grad_out_stride;
   s.add(p.grad_out, extent(t, {p.batch, p.heads, p.q_len}, {g[0], g[1], g[2]}, p.v_head_dim), "grad_out");
-  s.add(p.dq, extent(t, {p.batch, p.heads, p.q_len}, {p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]}, p.head_dim), "grad_query");
-  s.add(p.dk, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
-  s.add(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
+  s.output(p.dq, extent(t, {p.batch, p.heads, p.q_len}, {p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]}, p.head_dim), "grad_query");
+  s.output(p.dk, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
+  s.output(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
+  // dmask arrives zero-filled from the binding (entries of skipped tiles are never written).
   s.add(p.dmask, extent(DType::kFloat32, {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
-  s.add(p.workspace, workspace_bytes, "workspace");
+  s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return attention_bwd_cuda(p, nullptr); });
 }
 
@@ -102,10 +120,10 @@ int layer_norm_fwd(const LayerNormParams& p, const Device& d) {
   s.add(p.residual, rows_bytes(t, p.rows, p.residual_row_stride, p.cols), "residual");
   s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
   s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
-  s.add(p.out, rows_bytes(t, p.rows, p.cols, p.cols), "out");
-  s.add(p.residual_out, rows_bytes(t, p.rows, p.cols, p.cols), "residual_out");
-  s.add(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
-  s.add(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
+  s.output(p.out, rows_bytes(t, p.rows, p.cols, p.cols), "out");
+  s.output(p.residual_out, rows_bytes(t, p.rows, p.cols, p.cols), "residual_out");
+  s.output(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
+  s.output(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
   return s.run([&] { return layer_norm_fwd_cuda(p, nullptr); });
 }
 
@@ -124,22 +142,22 @@ int layer_norm_bwd(const LayerNormBwdParams& p, size_t workspace_bytes, const De
   s.add(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
   s.add(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
   s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
-  s.add(p.grad_input, matrix, "grad_input");
-  s.add(p.grad_weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_weight");
-  s.add(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
-  s.add(p.workspace, workspace_bytes, "workspace");
+  s.output(p.grad_input, matrix, "grad_input");
+  s.output(p.grad_weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_weight");
+  s.output(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return layer_norm_bwd_cuda(p, d.num_sms, nullptr); });
 }
 
 void add_bias_act_inputs(Scope& s, const BiasActParams& p) {
   s.add(p.input, rows_bytes(p.dtype, p.rows, p.input_row_stride, p.cols), "input");
   s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
-  s.add(p.out, rows_bytes(p.dtype, p.rows, p.cols, p.cols), "out");
 }
 
 int bias_act_fwd(const BiasActParams& p, const Device& d) {
   Scope s(d);
   add_bias_act_inputs(s, p);
+  s.output(p.out, rows_bytes(p.dtype, p.rows, p.cols, p.cols), "out");
   return s.run([&] { return bias_act_fwd_cuda(p, nullptr); });
 }
 
@@ -152,9 +170,9 @@ int bias_act_bwd(const BiasActBwdParams& p, size_t workspace_bytes, const Device
   add_bias_act_inputs(s, p);
   const size_t matrix = rows_bytes(p.dtype, p.rows, p.cols, p.cols);
   s.add(p.grad_out, matrix, "grad_out");
-  s.add(p.grad_input, matrix, "grad_input");
-  s.add(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
-  s.add(p.workspace, workspace_bytes, "workspace");
+  s.output(p.grad_input, matrix, "grad_input");
+  s.output(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return bias_act_bwd_cuda(p, d.num_sms, nullptr); });
 }
 
