@@ -179,6 +179,17 @@ def test_collective_waiting_for_an_exited_lane(lib):
     assert "which has exited" in report, report
 
 
+def test_block_order_changes_between_launches(lib):
+    orders = set()
+    for _ in range(10):
+        order = np.zeros(13, dtype=np.int32)
+        err, report = call(lib, "block_order", [order], 12)
+        assert err == 0, report
+        assert sorted(order[:12]) == list(range(12)) and order[12] == 12  # every block ran once
+        orders.add(tuple(order[:12]))
+    assert len(orders) > 1
+
+
 def test_launch_limits(lib):
     out = np.zeros(2048, dtype=np.float32)
     launch = lambda *args: call(lib, "launch", [out], *args)[0]  # noqa: E731

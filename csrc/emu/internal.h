@@ -37,6 +37,7 @@ struct LaunchState {
   std::vector<Buffer> buffers;
 
   std::atomic<int64_t> next_block{0};
+  uint64_t block_stride = 1, block_offset = 0;  // block i of the schedule is (i * stride + offset) % blocks
   std::atomic<bool> fatal{false};
   std::mutex report_mutex;
   std::vector<std::string> reports;  // the first few, deduplicated by `seen`

@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <numeric>
+#include <random>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -257,7 +259,7 @@ class Pool {
       if (L.fatal.load()) break;
       const int64_t i = L.next_block.fetch_add(1);
       if (i >= blocks) break;
-      run_block(w, L, i);
+      run_block(w, L, static_cast<int64_t>((static_cast<uint64_t>(i) * L.block_stride + L.block_offset) % static_cast<uint64_t>(blocks)));
     }
   }
 
@@ -689,6 +691,18 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, cuda
   L.buffers = call_buffers();
   L.buffers.push_back(Buffer{args, args_bytes, "the kernel parameters"});
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  // Blocks run in a different order every launch, as a GPU schedules them: results that depend on
+  // the order (atomics, code that assumes block 0 runs first) differ from run to run here too.
+  std::random_device entropy;
+  const uint64_t seed = (static_cast<uint64_t>(entropy()) << 32) ^ entropy();
+  L.block_offset = seed % static_cast<uint64_t>(blocks);
+  L.block_stride = 1;
+  for (uint64_t candidate = (seed >> 20) % static_cast<uint64_t>(blocks) + 1; candidate < 4 * static_cast<uint64_t>(blocks) + 2; ++candidate) {
+    if (std::gcd(candidate, static_cast<uint64_t>(blocks)) == 1) {
+      L.block_stride = candidate;
+      break;
+    }
+  }
   Pool::get().run(L, blocks);
   if (L.error != cudaSuccess) {
     std::ostringstream os;

@@ -1,7 +1,8 @@
 // runtime.h: the execution harness that runs csrc/kernels/*.cu on the CPU (torch-free).
 //
 // A launch runs every CUDA thread of a block as its own fiber (a register-only context switch,
-// fiber.cpp); blocks run one after another on each of a few worker threads. A fiber runs until it
+// fiber.cpp); blocks run one after another, in an order that changes every launch, on each of a
+// few worker threads. A fiber runs until it
 // reaches a barrier or a warp collective and then yields, so:
 //   __syncthreads        is a real barrier of the block's live threads;
 //   __syncwarp, shuffles, ldmatrix, mma.sync

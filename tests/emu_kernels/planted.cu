@@ -134,6 +134,11 @@ __global__ void exited_lane_kernel(float* out) {
 
 __global__ void empty_kernel(float* out) { out[threadIdx.x] = 0.0f; }
 
+// order[k] = the k-th block to start (order[gridDim.x] counts them).
+__global__ void block_order_kernel(int* order) {
+  if (threadIdx.x == 0) order[atomicAdd(order + gridDim.x, 1)] = static_cast<int>(blockIdx.x);
+}
+
 txemu::DeviceDesc device_named(const char* name) {
   txemu::DeviceDesc d;
   d.name = name;
@@ -208,6 +213,10 @@ PLANTED int planted_shuffle(void** p, const size_t* b) {
 
 PLANTED int planted_exited_lane(void** p, const size_t* b) {
   return run("H100", p, b, 1, [&] { TX_LAUNCH(exited_lane_kernel, 1, 32, 0, nullptr)(static_cast<float*>(p[0])); });
+}
+
+PLANTED int planted_block_order(void** p, const size_t* b, int blocks) {
+  return run("H100", p, b, 1, [&] { TX_LAUNCH(block_order_kernel, blocks, 32, 0, nullptr)(static_cast<int*>(p[0])); });
 }
 
 // Launch configuration checks: returns the launch error for block (bx, by), grid (gx, gy) and
