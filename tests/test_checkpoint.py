@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import tx_kernels
-import tx_kernels.functional as TF
 import tx_kernels.nn as tnn
+from conftest import count_attention_calls
 from tx_kernels.models import GPT2Config, GPT2LMHeadModel
 
 REENTRANT = pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
@@ -25,18 +25,6 @@ def _checkpoint_forward(module, use_reentrant):
     # An instance attribute, not a wrapper module, so parameter names stay comparable.
     orig = module.forward
     module.forward = lambda *args: checkpoint(orig, *args, use_reentrant=use_reentrant)
-
-
-def _count_attention_calls(monkeypatch):
-    calls = []
-    orig = TF.scaled_dot_product_attention
-
-    def spy(*a, **k):
-        calls.append(k.get("dropout_p", 0.0))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(TF, "scaled_dot_product_attention", spy)
-    return calls
 
 
 def _run(fn, params, seed):
@@ -61,7 +49,7 @@ def _check(model_plain, model_ckpt, loss_fn, monkeypatch, recomputed, params_of=
     """Same loss and bitwise-same gradients with and without checkpointing, and proof that dropout
     was on and that the checkpointed run recomputed `recomputed` attention calls."""
     params_of = params_of or (lambda m: dict(m.named_parameters()))
-    calls = _count_attention_calls(monkeypatch)
+    calls = count_attention_calls(monkeypatch)
     plain = _run(lambda: loss_fn(model_plain), params_of(model_plain), seed=7)
     n_plain = len(calls)
     ckpt = _run(lambda: loss_fn(model_ckpt), params_of(model_ckpt), seed=7)
