@@ -1,5 +1,5 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard, per block and root) over tx_kernels models, in spawned
-CPU processes with gloo, trains like single-process training with the same seeds.
+CPU processes with gloo, trains like single-process training with the same seeds, and then generates the same tokens.
 
 Each rank trains on its slice of the global batch with its own dropout seed; the single-process
 reference replays every rank's slice with that rank's seed, averages the per-rank gradients as
@@ -60,6 +60,16 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
+def _generate(model, ids):
+    model.eval()
+    if isinstance(model, GPT2LMHeadModel):
+        return model.generate(ids, max_new_tokens=4)
+    return model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+PROMPT = torch.tensor([[5, 17, 3, 40], [9, 9, 2, 58]])
+
+
 def _batch(step, world):
     g = torch.Generator().manual_seed(1234 + step)
     return torch.randint(0, VOCAB, (world * PER_RANK, SEQ), generator=g).chunk(world)
@@ -100,7 +110,11 @@ def _fsdp_case(name, rank, world, mesh):
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     state = {n: p.full_tensor() for n, p in model.named_parameters()}
-    return {"losses": torch.stack(gathered, 1), "state": state, "compiled_frames": counter.frame_count}
+    # Only under mixed precision (gloo collectives in every decoding step are slow): there the KV
+    # cache must take the compute dtype, bf16, which the sharded fp32 parameters do not show.
+    tokens = _generate(model, PROMPT) if bf16 else None
+    return {"losses": torch.stack(gathered, 1), "state": state, "tokens": tokens,
+            "compiled_frames": counter.frame_count}
 
 
 def _reference(name, world):
@@ -126,7 +140,8 @@ def _reference(name, world):
             p.grad = g / world
         opt.step()
         opt.zero_grad()
-    return losses, {n: p.detach() for n, p in master.named_parameters()}
+    tokens = _generate(copy.deepcopy(master).to(torch.bfloat16), PROMPT) if bf16 else None
+    return losses, {n: p.detach() for n, p in master.named_parameters()}, tokens
 
 
 def _free_port():
@@ -183,7 +198,7 @@ def test_fsdp2_training_matches_single_process(fsdp_results, case):
     got = results[case]
     if CASES[case][1]:
         assert got["compiled_frames"] > 0, "the blocks were not compiled"
-    ref_losses, ref_state = _reference(case, world)
+    ref_losses, ref_state, ref_tokens = _reference(case, world)
     # Two ranks: the reduction adds the same two gradients the reference adds, so bit for bit.
     # Four: gloo sums them in an order of its own, so fp32 rounding differs (seen: ~1e-8 in the
     # parameters, ~5e-7 in the losses).
@@ -192,3 +207,5 @@ def test_fsdp2_training_matches_single_process(fsdp_results, case):
     assert got["state"].keys() == ref_state.keys()
     for n, p in ref_state.items():
         torch.testing.assert_close(got["state"][n], p, **tol, msg=lambda m: f"{case} {n}: {m}")
+    if ref_tokens is not None:
+        assert torch.equal(got["tokens"], ref_tokens), "greedy generation after training differs"
