@@ -12,6 +12,8 @@ One process group per world size runs every case (spawning gloo processes costs 
 import copy
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
 
@@ -209,3 +211,14 @@ def test_fsdp2_training_matches_single_process(fsdp_results, case):
         torch.testing.assert_close(got["state"][n], p, **tol, msg=lambda m: f"{case} {n}: {m}")
     if ref_tokens is not None:
         assert torch.equal(got["tokens"], ref_tokens), "greedy generation after training differs"
+
+
+def test_fsdp_example_runs_under_torchrun():
+    """examples/train_fsdp_gpt2.py, as the README runs it, with mixed precision and checkpointing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tx_kernels.__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           os.path.join(root, "examples", "train_fsdp_gpt2.py"), "--steps", "2", "--batch", "2",
+           "--sample-chars", "4", "--bf16", "--checkpoint"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "trained 2 steps" in proc.stdout and "To be" in proc.stdout, proc.stdout
