@@ -52,6 +52,15 @@ def count_attention_calls(monkeypatch):
     return calls
 
 
+def checkpoint_forward(module, use_reentrant):
+    """Run module's forward under torch.utils.checkpoint from now on. An instance attribute, not a
+    wrapper module, so parameter names (and FSDP's wrapping of the module) stay as they were."""
+    from torch.utils.checkpoint import checkpoint
+
+    orig = module.forward
+    module.forward = lambda *args: checkpoint(orig, *args, use_reentrant=use_reentrant)
+
+
 def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=1e-6, name=""):
     """FlashAttention's rule: our max error vs the reference is at most factor x stock torch's."""
     ours_err = max_abs_err(ours, ref)

@@ -11,20 +11,14 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+from torch.utils.checkpoint import checkpoint_sequential
 
 import tx_kernels
 import tx_kernels.nn as tnn
-from conftest import count_attention_calls
+from conftest import checkpoint_forward, count_attention_calls
 from tx_kernels.models import GPT2Config, GPT2LMHeadModel
 
 REENTRANT = pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-
-
-def _checkpoint_forward(module, use_reentrant):
-    # An instance attribute, not a wrapper module, so parameter names stay comparable.
-    orig = module.forward
-    module.forward = lambda *args: checkpoint(orig, *args, use_reentrant=use_reentrant)
 
 
 def _run(fn, params, seed):
@@ -72,7 +66,7 @@ def test_checkpoint_gpt2_blocks(use_reentrant, monkeypatch):
     plain = _gpt2()
     ckpt = copy.deepcopy(plain)
     for block in ckpt.transformer.h:
-        _checkpoint_forward(block, use_reentrant)
+        checkpoint_forward(block, use_reentrant)
     ids = torch.randint(0, 61, (2, 11))
     _check(plain, ckpt, lambda m: m(ids, labels=ids)[0], monkeypatch, recomputed=3)
 

@@ -1,7 +1,7 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard, per block and root) over tx_kernels models, in spawned
 CPU processes with gloo, trains like single-process training with the same seeds, and then
-generates the same tokens. Eager, with torch.compile on each block (aot_eager, inductor), and
-with mixed precision (bf16 parameters, fp32 gradient reduction).
+generates the same tokens. Eager, with torch.compile on each block (aot_eager, inductor), with
+mixed precision (bf16 parameters, fp32 gradient reduction), and with activation checkpointing.
 
 Each rank trains on its slice of the global batch with its own dropout seed; the single-process
 reference replays every rank's slice with that rank's seed, averages the per-rank gradients as
@@ -26,20 +26,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tx_kernels
+from conftest import checkpoint_forward
 from tx_kernels.models import GPT2Config, GPT2LMHeadModel
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (requirements-dev.txt)")
 
 STEPS, PER_RANK, SEQ, VOCAB = 3, 2, 12, 61
 # name: (model family, torch.compile backend for each block or None, bf16 params with fp32
-# gradient reduction)
+# gradient reduction, activation checkpointing of each block)
 CASES = {
-    "tx_gpt2": ("tx", None, False),
-    "hf_gpt2_patched": ("hf", None, False),
-    "tx_gpt2_compiled_blocks": ("tx", "aot_eager", False),
-    "tx_gpt2_inductor_blocks": ("tx", "inductor", False),
-    "tx_gpt2_bf16_params": ("tx", None, True),
-    "hf_gpt2_patched_bf16_params": ("hf", None, True),
+    "tx_gpt2": ("tx", None, False, False),
+    "hf_gpt2_patched": ("hf", None, False, False),
+    "tx_gpt2_compiled_blocks": ("tx", "aot_eager", False, False),
+    "tx_gpt2_inductor_blocks": ("tx", "inductor", False, False),
+    "tx_gpt2_bf16_params": ("tx", None, True, False),
+    "hf_gpt2_patched_bf16_params": ("hf", None, True, False),
+    "tx_gpt2_checkpointed_blocks": ("tx", None, False, True),
 }
 
 
@@ -89,12 +91,16 @@ def _seed(step, rank):
 def _fsdp_case(name, rank, world, mesh):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    family, backend, bf16 = CASES[name]
+    family, backend, bf16, ckpt = CASES[name]
     model = _model(family).train()
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend or "eager")
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
     for block in _blocks(model):
+        if ckpt:
+            # The recompute in the backward must draw the first forward's dropout masks; the
+            # reference is not checkpointed.
+            checkpoint_forward(block, use_reentrant=False)
         fully_shard(block, mesh=mesh, mp_policy=policy)
         if backend:
             block.compile(backend=counter, fullgraph=True)
@@ -122,7 +128,7 @@ def _fsdp_case(name, rank, world, mesh):
 
 def _reference(name, world):
     """Single process: each rank's slice with its seed, gradients averaged over ranks."""
-    family, backend, bf16 = CASES[name]
+    family, backend, bf16, _ = CASES[name]
     master = _model(family).train()
     if backend == "inductor":
         # Inductor generates its own random numbers (so dropout masks differ from eager's): the
@@ -182,7 +188,7 @@ def _worker(rank, world, port, out_dir):
 def _cases(world):
     # Inductor compiles in every process: with 4 of them on CI's 2 cores that alone takes about a
     # minute, and 2 ranks exercise the same compiled blocks.
-    return [c for c, (_, backend, _) in CASES.items() if world == 2 or backend != "inductor"]
+    return [c for c, (_, backend, _, _) in CASES.items() if world == 2 or backend != "inductor"]
 
 
 @pytest.fixture(scope="module")
