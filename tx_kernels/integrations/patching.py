@@ -301,7 +301,9 @@ def patch(model: nn.Module, return_report: bool = False, warn: bool = True):
         _patch_hf(model, family, act, report)
     elif family == "unsupported":
         report.left_alone.append(("", f"{type(model).__name__}: only Hugging Face GPT-2 and BERT models are "
-                                      f"patched (torch.nn Transformer modules inside are still patched)"))
+                                      f"patched (torch.nn Transformer modules inside are still patched); "
+                                      f"its attention can run on tx_kernels with "
+                                      f"model.set_attn_implementation('{ATTN_IMPL}')"))
     _patch_torch_nn(model, report)
     if not report.patched and not report.left_alone:
         report.left_alone.append(("", f"{type(model).__name__}: nothing tx_kernels can patch was found"))
