@@ -137,3 +137,14 @@ def test_import_alone_registers_attn_implementation(saved, transformers_first):
     proc = subprocess.run([sys.executable, "-c", script, str(saved["llama"]), root], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("arg", ["s_aux", "softcap", "position_bias"])
+def test_unsupported_attention_arguments_are_refused(arg):
+    """Attention sinks (gpt-oss), logit softcapping (Gemma 2), T5's position bias: an error, never
+    attention computed without them."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    q = k = v = torch.randn(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match=arg):
+        ALL_ATTENTION_FUNCTIONS["tx_kernels"](torch.nn.Module(), q, k, v, None, **{arg: torch.zeros(2)})

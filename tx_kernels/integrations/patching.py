@@ -112,8 +112,13 @@ def _tx_attention_forward(module, query, key, value, attention_mask, dropout=0.0
                       "set_attn_implementation('eager') for them", stacklevel=2)
     if kwargs.get("cache") is not None:
         raise NotImplementedError("tx_kernels: transformers' paged attention cache is not supported")
-    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("tx_kernels: `position_bias`/`softcap` attention arguments are not supported")
+    # Refused rather than ignored: now that every AttentionInterface model can select this
+    # function, one passing attention sinks (gpt-oss), a T5 position bias or a logit softcap
+    # (Gemma 2) would otherwise get silently wrong attention.
+    for arg in ("position_bias", "softcap", "s_aux"):
+        if kwargs.get(arg) is not None:
+            raise NotImplementedError(f"tx_kernels: the `{arg}` attention argument is not supported; "
+                                      f"use attn_implementation='eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' sdpa integration: the flag only when no mask was built and L > 1.
