@@ -40,6 +40,14 @@ class _SimpleBar:
         print()
 
 
+def load_text():
+    """The bundled text as (characters, char -> id, all ids as one tensor)."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shakespeare.txt")).read()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return chars, stoi, torch.tensor([stoi[c] for c in text], dtype=torch.long)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=250)
@@ -52,11 +60,8 @@ def main():
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_shakespeare.txt")).read()
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    print(f"{len(text)} characters, vocabulary of {len(chars)}")
+    chars, stoi, data = load_text()
+    print(f"{len(data)} characters, vocabulary of {len(chars)}")
 
     config = GPT2Config(vocab_size=len(chars), n_positions=args.block, n_embd=128, n_layer=3, n_head=4,
                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)

@@ -29,6 +29,38 @@ def rel_err(x, ref):
     return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def grad_err(g, ref, floor):
+    """Relative gradient error, with the denominator floored at `floor` (a fraction of the largest
+    gradient norm): some gradients are exactly 0 in exact arithmetic (e.g. the attention key bias,
+    since softmax ignores per-row constants) and hold only rounding noise."""
+    return (g.double() - ref.double()).norm().item() / max(ref.double().norm().item(), floor)
+
+
+def count_attention_calls(monkeypatch):
+    """A list that records the dropout_p of every tx_kernels.functional.scaled_dot_product_attention
+    call from now on (the models and modules look it up at call time)."""
+    import tx_kernels.functional as TF
+
+    calls = []
+    orig = TF.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("dropout_p", 0.0))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(TF, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def checkpoint_forward(module, use_reentrant):
+    """Run module's forward under torch.utils.checkpoint from now on. An instance attribute, not a
+    wrapper module, so parameter names (and FSDP's wrapping of the module) stay as they were."""
+    from torch.utils.checkpoint import checkpoint
+
+    orig = module.forward
+    module.forward = lambda *args: checkpoint(orig, *args, use_reentrant=use_reentrant)
+
+
 def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=1e-6, name=""):
     """FlashAttention's rule: our max error vs the reference is at most factor x stock torch's."""
     ours_err = max_abs_err(ours, ref)

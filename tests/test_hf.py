@@ -14,18 +14,11 @@ from torch import nn
 
 import tx_kernels
 import tx_kernels.nn as tnn
-from conftest import rel_err
+from conftest import grad_err, rel_err
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (requirements-dev.txt)")
 
 FWD_TOL, GRAD_TOL = 2e-5, 2e-4
-
-def grad_err(g, ref, floor):
-    """Relative gradient error, with the denominator floored at `floor` (a fraction of the largest
-    gradient norm): some gradients are exactly 0 in exact arithmetic (e.g. the attention key bias,
-    since softmax ignores per-row constants) and hold only rounding noise."""
-    return (g.double() - ref.double()).norm().item() / max(ref.double().norm().item(), floor)
-
 
 
 def _patched_copy(model):

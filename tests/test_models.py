@@ -3,19 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import grad_err, rel_err
 from tx_kernels.models import BertModel, GPT2LMHeadModel, Seq2SeqTransformer
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (requirements-dev.txt)")
 
 FWD_TOL, GRAD_TOL = 2e-5, 2e-4  # fp32 models: relative (norm-wise) error
-
-def grad_err(g, ref, floor):
-    """Relative gradient error, with the denominator floored at `floor` (a fraction of the largest
-    gradient norm): some gradients are exactly 0 in exact arithmetic (e.g. the attention key bias,
-    since softmax ignores per-row constants) and hold only rounding noise."""
-    return (g.double() - ref.double()).norm().item() / max(ref.double().norm().item(), floor)
-
 
 
 def _hf_gpt2(**kw):

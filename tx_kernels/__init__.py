@@ -11,6 +11,11 @@ from . import ops  # noqa: F401  (loads the extension and registers fake kernels
 from . import functional  # noqa: F401
 from . import nn  # noqa: F401
 from .integrations import patch  # noqa: F401
+from .integrations.patching import register_hf_attention_on_import as _register_hf_attention_on_import
+
+# attn_implementation="tx_kernels" for Hugging Face models, as "flash_attention_2" is, without a
+# patch() call; transformers itself is not imported here.
+_register_hf_attention_on_import()
 
 __version__ = "0.1.0"
 

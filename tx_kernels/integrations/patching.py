@@ -8,6 +8,13 @@ torch.nn (any model): Transformer, TransformerEncoder/Decoder(+Layer), Multihead
 LayerNorms inside them become their tx_kernels.nn counterparts (same attributes; encoders stop
 using torch's nested-tensor path).
 
+Any Hugging Face model whose attention goes through transformers' AttentionInterface (Llama,
+Qwen2, Mistral, ... as well as GPT-2 and BERT): `import tx_kernels` registers
+attn_implementation="tx_kernels" (as soon as transformers' modeling code is loaded), so
+`from_pretrained(..., attn_implementation="tx_kernels")` and
+`model.set_attn_implementation("tx_kernels")` run softmax(QK^T)V on the fused kernel (GQA
+included). patch() goes further for two families:
+
 Hugging Face GPT-2 (GPT2Model, GPT2LMHeadModel and the other GPT2PreTrainedModel heads) and
 BERT (BertModel and its task heads):
 - attention: a "tx_kernels" function is registered in transformers' AttentionInterface (with
@@ -33,7 +40,10 @@ and everything left alone is also announced with a warning.
 Numerical differences: fully masked query rows (e.g. left-padding positions) give 0 instead of
 HF's values; outputs at real tokens are unaffected.
 """
+import importlib.abc
+import importlib.util
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -102,8 +112,13 @@ def _tx_attention_forward(module, query, key, value, attention_mask, dropout=0.0
                       "set_attn_implementation('eager') for them", stacklevel=2)
     if kwargs.get("cache") is not None:
         raise NotImplementedError("tx_kernels: transformers' paged attention cache is not supported")
-    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("tx_kernels: `position_bias`/`softcap` attention arguments are not supported")
+    # Refused rather than ignored: now that every AttentionInterface model can select this
+    # function, one passing attention sinks (gpt-oss), a T5 position bias or a logit softcap
+    # (Gemma 2) would otherwise get silently wrong attention.
+    for arg in ("position_bias", "softcap", "s_aux"):
+        if kwargs.get(arg) is not None:
+            raise NotImplementedError(f"tx_kernels: the `{arg}` attention argument is not supported; "
+                                      f"use attn_implementation='eager' for this model")
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' sdpa integration: the flag only when no mask was built and L > 1.
@@ -130,6 +145,52 @@ def _register_hf_attention():
     AttentionInterface.register(ATTN_IMPL, _tx_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)  # bool masks, True = attend (as our kernel)
     return None
+
+
+_HF_ATTENTION_MODULE = "transformers.modeling_utils"  # defines AttentionInterface
+
+
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+    """Registers the attention function right after transformers.modeling_utils has run, so that
+    `import tx_kernels` makes attn_implementation="tx_kernels" available without importing
+    transformers itself (that would add about 2 s to every import, with or without HF)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _HF_ATTENTION_MODULE:
+            return None
+        sys.meta_path.remove(self)  # one shot, and the lookup below must not find this finder again
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register_hf_attention_quietly()
+
+            # On the loader instance (one per file), so the module keeps its real loader for
+            # tracebacks, inspect and resources.
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_hf_attention_quietly():
+    # A transformers too old for the interfaces is not an error here: only users who ask for
+    # tx_kernels attention need them, and patch() reports it to those.
+    try:
+        _register_hf_attention()
+    except Exception as e:  # noqa: BLE001  (must never break importing transformers)
+        warnings.warn(f"tx_kernels: could not register attn_implementation='{ATTN_IMPL}': "
+                      f"{type(e).__name__}: {e}", stacklevel=2)
+
+
+def register_hf_attention_on_import():
+    """Make attn_implementation="tx_kernels" known to transformers: now if transformers' modeling
+    code is loaded, else as soon as it is. Called by `import tx_kernels`."""
+    if _HF_ATTENTION_MODULE in sys.modules:
+        _register_hf_attention_quietly()
+    elif importlib.util.find_spec("transformers") is not None:
+        if not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 
 def _params(fn):
@@ -245,7 +306,9 @@ def patch(model: nn.Module, return_report: bool = False, warn: bool = True):
         _patch_hf(model, family, act, report)
     elif family == "unsupported":
         report.left_alone.append(("", f"{type(model).__name__}: only Hugging Face GPT-2 and BERT models are "
-                                      f"patched (torch.nn Transformer modules inside are still patched)"))
+                                      f"patched (torch.nn Transformer modules inside are still patched); "
+                                      f"its attention can run on tx_kernels with "
+                                      f"model.set_attn_implementation('{ATTN_IMPL}')"))
     _patch_torch_nn(model, report)
     if not report.patched and not report.left_alone:
         report.left_alone.append(("", f"{type(model).__name__}: nothing tx_kernels can patch was found"))

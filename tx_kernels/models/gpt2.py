@@ -61,12 +61,21 @@ class GPT2Config:
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers of shape (N, H, max_len, Dh)."""
+    """Preallocated per-layer key/value buffers of shape (N, H, max_len, Dh).
 
-    def __init__(self, n_layer, batch, n_head, max_len, head_dim, dtype, device):
-        shape = (batch, n_head, max_len, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+    dtype/device None (as generate() uses it): each layer's buffers are allocated at its first
+    append, in the keys' dtype and device. The parameters do not tell that dtype: under autocast,
+    or FSDP2 with bf16 compute over fp32 sharded parameters, the keys are bf16 while the weights
+    the caller sees are fp32.
+    """
+
+    def __init__(self, n_layer, batch, n_head, max_len, head_dim, dtype=None, device=None):
+        self.shape = (batch, n_head, max_len, head_dim)
+        if dtype is None:
+            self.keys, self.values = [None] * n_layer, [None] * n_layer
+        else:
+            self.keys = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(n_layer)]
+            self.values = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0  # tokens already stored (same for every layer)
         self.max_len = max_len
 
@@ -74,6 +83,9 @@ class KVCache:
         t, n = self.length, k.shape[2]
         if t + n > self.max_len:
             raise RuntimeError(f"tx_kernels: KV cache full ({t} + {n} > {self.max_len} tokens)")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty(self.shape)
+            self.values[layer] = v.new_empty(self.shape[:3] + v.shape[3:])
         self.keys[layer][:, :, t:t + n].copy_(k)
         self.values[layer][:, :, t:t + n].copy_(v)
         return self.keys[layer][:, :, :t + n], self.values[layer][:, :, :t + n]
@@ -250,8 +262,7 @@ class GPT2LMHeadModel(nn.Module):
         self.eval()
         N, L = input_ids.shape
         cfg = self.config
-        w = self.transformer.wte.weight
-        cache = KVCache(cfg.n_layer, N, cfg.n_head, L + max_new_tokens, cfg.n_embd // cfg.n_head, w.dtype, w.device)
+        cache = KVCache(cfg.n_layer, N, cfg.n_head, L + max_new_tokens, cfg.n_embd // cfg.n_head)
         tokens, step_ids = input_ids, input_ids
         mask = attention_mask
         finished = torch.zeros(N, dtype=torch.bool, device=input_ids.device)
