@@ -78,7 +78,7 @@ def load_emulator():
     """emu.load() once per session. An emulator that cannot be built is a skip with the reason,
     except under CI, where it must be there; any other error propagates."""
     if "error" in _EMU_STATE:
-        _skip_or_fail(_EMU_STATE["error"])
+        skip_or_fail(_EMU_STATE["error"])
     if "path" in _EMU_STATE:
         return _EMU_STATE["path"]
     import tx_kernels.emu as emu
@@ -87,12 +87,12 @@ def load_emulator():
         _EMU_STATE["path"] = emu.load()
     except emu.EmulatorUnavailable as e:
         _EMU_STATE["error"] = str(e)
-        _skip_or_fail(str(e))
+        skip_or_fail(str(e))
     _register_emu_autograd()
     return _EMU_STATE["path"]
 
 
-def _skip_or_fail(reason):
+def skip_or_fail(reason):
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but the CUDA emulator is unavailable: {reason}", pytrace=False)
     pytest.skip(f"CUDA emulator unavailable: {reason}")
