@@ -47,4 +47,4 @@ def test_first_order_grad_with_create_graph_still_correct():
     (g,) = torch.autograd.grad((TF.layer_norm(x, (16,)) * w).sum(), x, create_graph=True)
     x2 = x.detach().requires_grad_()
     (ref,) = torch.autograd.grad((torch.nn.functional.layer_norm(x2, (16,)) * w).sum(), x2)
-    torch.testing.assert_close(g.detach(), ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g.detach(), ref, rtol=1e-10, atol=1e-12)

@@ -68,6 +68,11 @@ def _refuse_double_backward(op_name):
                                     setup_context=setup_context)
 
 
+def _acc_dtype(t):
+    """dtype of statistics and logsumexp for inputs like `t` (acc_type in csrc/binding/checks.h)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _rows(t, normalized_ndim):
     rows = 1
     for s in t.shape[: t.dim() - normalized_ndim]:
@@ -82,7 +87,7 @@ def _rows(t, normalized_ndim):
 def _attention_fwd_fake(query, key, value, attn_mask, scale, is_causal, dropout_p, rng):
     _check_devices("query", query, key=key, value=value, attn_mask=attn_mask)
     out = _empty_like_layout(query, value.shape[-1], query.dtype)
-    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    lse = query.new_empty(query.shape[:3], dtype=_acc_dtype(query))
     return out, lse
 
 
@@ -131,7 +136,7 @@ _refuse_double_backward("attention")
 def _layer_norm_fwd_fake(input, weight, bias, normalized_ndim, eps):
     _check_devices("input", input, weight=weight, bias=bias)
     rows = _rows(input, normalized_ndim)
-    stats = input.new_empty((rows,), dtype=torch.float32)
+    stats = input.new_empty((rows,), dtype=_acc_dtype(input))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
 
 
@@ -139,7 +144,7 @@ def _layer_norm_fwd_fake(input, weight, bias, normalized_ndim, eps):
 def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps, return_residual=True):
     _check_devices("input", input, residual=residual, weight=weight, bias=bias)
     rows = _rows(input, normalized_ndim)
-    stats = input.new_empty((rows,), dtype=torch.float32)
+    stats = input.new_empty((rows,), dtype=_acc_dtype(input))
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     residual_out = torch.empty_like(out) if return_residual else input.new_empty((0,))
     return out, residual_out, stats, stats.clone()
