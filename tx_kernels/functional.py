@@ -73,7 +73,8 @@ def scaled_dot_product_attention(
     (N, H, L, S); it is read in place, never expanded. A floating mask may have any floating
     dtype, whatever the inputs' (e.g. an fp16 mask with fp32 inputs): its values are widened to
     the accumulation type (fp32; fp64 for fp64 inputs) and added without rounding to the inputs'
-    dtype. A mask value of -inf masks the key, as False does in a bool mask.
+    dtype. A mask value of -inf masks the key exactly as False does in a bool mask (the score is
+    replaced, so a NaN score at a masked key does not reach the row).
     is_causal lets query i attend to keys 0..i
     (top-left aligned, as in torch); unlike torch it may be combined with attn_mask.
     enable_gqa: allow H to be a multiple of Hkv (grouped-query attention).

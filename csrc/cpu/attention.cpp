@@ -81,11 +81,14 @@ void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, i
   const int64_t off = n * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
                       j0 * p.mask_stride[3];
   const int64_t st = p.mask_stride[3];
+  // -inf masks its key as False does: the score is replaced, so a NaN or +inf score there does
+  // not poison the row (adding would give NaN).
   auto add = [&](auto* m) {
+    auto masked_add = [](acc_t s, acc_t b) { return b == neg_inf<acc_t>() ? b : s + b; };
     if (st == 1) {
-      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c]);
+      for (int64_t c = 0; c < cols; ++c) scores[c] = masked_add(scores[c], static_cast<acc_t>(m[c]));
     } else {
-      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c * st]);
+      for (int64_t c = 0; c < cols; ++c) scores[c] = masked_add(scores[c], static_cast<acc_t>(m[c * st]));
     }
   };
   switch (p.mask_dtype) {
@@ -129,8 +132,11 @@ class BlockMask {
 
   // Scores of query row i: mask, then causal (key j > i is disallowed).
   void apply(int64_t i, acc_t* scores) const {
-    if (shared_ != nullptr) {
-      at::vec::map2([](auto a, auto b) { return a + b; }, scores, scores, shared_, cols_);
+    if (shared_ != nullptr) {  // -inf replaces the score, as in apply_mask_row
+      at::vec::map2([](auto a, auto b) {
+        using V = decltype(a);
+        return V::blendv(a + b, b, b == V(neg_inf<acc_t>()));
+      }, scores, scores, shared_, cols_);
     } else if (p_.mask_kind != MaskKind::kNone) {
       apply_mask_row(p_, n_, h_, i, j0_, cols_, scores);
     }
@@ -386,7 +392,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   // same memory and the result does not depend on the thread count.
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dk_acc(S * E), dv_acc(S * Ev), dq_acc(bq * E), delta(bq);
-    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0), mask_buf(bk);
+    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0), mask_buf(bk), nan_row(bk);
     std::vector<acc_t> q_buf(bq * E), do_buf(bq * Ev), o_row(Ev), k_buf(bk * E), v_buf(bk * Ev);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % Hkv, n = task / Hkv;
@@ -435,6 +441,15 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
                 std::fill(s, s + cols, acc_t(0));
                 continue;
               }
+              if (row_lse != row_lse) {
+                // A NaN row (NaN or Inf in its scores): P is NaN, except that keys the mask
+                // disallows keep P = 0 and get no gradient (exp(-inf - NaN) would be NaN). The
+                // mask alone decides which: applied to zeros, it gives -inf exactly there.
+                std::fill(nan_row.begin(), nan_row.begin() + cols, acc_t(0));
+                block_mask.apply(i0 + r, nan_row.data());
+                for (int64_t c = 0; c < cols; ++c) s[c] = nan_row[c] == neg_inf<acc_t>() ? acc_t(0) : row_lse;
+                continue;
+              }
               block_mask.apply(i0 + r, s);
               exp_shift_sum(s, cols, row_lse);
             }
@@ -459,11 +474,16 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
               acc_t* dp = dprobs.data() + r * bk;
               const acc_t* pr = probs.data() + r * bk;
               const acc_t d = delta[r];
+              // A masked key (P = 0) gets no gradient, even when dP - delta is NaN (a NaN elsewhere
+              // in the row): 0 * NaN would spread the NaN to every key's gradient.
               if (dropout) {
                 const acc_t* f = factors.data() + r * bk;
-                for (int64_t c = 0; c < cols; ++c) dp[c] = pr[c] * (dp[c] * f[c] - d);
+                for (int64_t c = 0; c < cols; ++c) dp[c] = pr[c] == acc_t(0) ? acc_t(0) : pr[c] * (dp[c] * f[c] - d);
               } else {
-                at::vec::map2([d](auto x, auto y) { return y * (x - decltype(x)(d)); }, dp, dp, pr, cols);
+                at::vec::map2([d](auto x, auto y) {
+                  using V = decltype(x);
+                  return V::blendv(y * (x - V(d)), V(0), y == V(0));
+                }, dp, dp, pr, cols);
               }
               if (p.dmask != nullptr) {
                 acc_t* dm = static_cast<acc_t*>(p.dmask) + ((n * H + h) * L + i0 + r) * S + j0;

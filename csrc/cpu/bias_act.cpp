@@ -185,14 +185,20 @@ struct Act {
     } else if constexpr (A == Activation::kGelu) {
       const V cdf = V(Acc(0.5)) * (V(Acc(1)) + detail::erf_fast(v * V(Acc(kSqrt1_2))));
       const V pdf = detail::exp_fast(v * v * V(Acc(-0.5))) * V(Acc(kInvSqrt2Pi));
-      return at::vec::fmadd(v, pdf, cdf);
+      // + (v - v): NaN at v = +-inf, where torch's cdf + v * pdf is inf * 0 (exp_fast saturates,
+      // so it would be inf here).
+      return at::vec::fmadd(v, pdf, cdf) + (v - v);
     } else {
-      const V v2 = v * v;
-      const V neg2u = v * at::vec::fmadd(v2, V(Acc(-2 * kSqrt2OverPi * kCubic)), V(Acc(-2 * kSqrt2OverPi)));
+      // Beyond |v| = 20 the derivative is 1 or 0 to the type's precision; clamping (which keeps
+      // NaN) stops v^2 overflowing to a 0 * inf = NaN for huge fp32 inputs. + (v - v) below keeps
+      // torch's NaN at v = +-inf.
+      const V vc = at::vec::clamp(v, V(Acc(-20)), V(Acc(20)));
+      const V v2 = vc * vc;
+      const V neg2u = vc * at::vec::fmadd(v2, V(Acc(-2 * kSqrt2OverPi * kCubic)), V(Acc(-2 * kSqrt2OverPi)));
       const V s = V(Acc(1)) / (V(Acc(1)) + detail::exp_fast(neg2u));
       // 2u' = 2 sqrt(2/pi) (1 + 3 c v^2)
       const V du2 = at::vec::fmadd(v2, V(Acc(6 * kSqrt2OverPi * kCubic)), V(Acc(2 * kSqrt2OverPi)));
-      return at::vec::fmadd(v * s * (V(Acc(1)) - s), du2, s);
+      return at::vec::fmadd(vc * s * (V(Acc(1)) - s), du2, s) + (v - v);
     }
   }
 };
