@@ -245,3 +245,40 @@ def test_relu_gradient_at_nan_is_passed_through_as_torch():
         x2 = x.detach().clone().requires_grad_()
         F.relu(x2).backward(torch.full_like(x2, 2.0))
         assert torch.equal(x.grad, x2.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 8: bf16/fp16 attention gradients at tiny head dims were up to 80x less accurate than
+# torch's math backend (which upcasts): the softmax correction term came from the rounded output.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,S,E,Ev,group,causal", [(3, 33, 1, 1, 2, True), (11, 34, 16, 1, 1, True),
+                                                   (16, 40, 1, 1, 1, False), (9, 20, 2, 3, 2, False)])
+def test_low_precision_attention_grads_within_2x_of_torch_math_at_tiny_head_dims(dtype, L, S, E, Ev,
+                                                                                group, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(2, 2 * group, L, E, generator=gen, dtype=f64)
+        k = torch.randn(2, 2, S, E, generator=gen, dtype=f64)
+        v = torch.randn(2, 2, S, Ev, generator=gen, dtype=f64)
+        mask = torch.randn(1, 2 * group, L, S, generator=gen, dtype=f64)
+        if causal:
+            mask = mask.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -INF)
+        g = torch.randn(2, 2 * group, L, Ev, generator=gen, dtype=f64)
+
+        def grads(fn, dt):
+            ts = [t.to(dt).requires_grad_() for t in (q, k, v)]
+            out = fn(*ts, mask.to(dt))
+            return torch.autograd.grad(out, ts, g.to(dt))
+
+        ref = grads(lambda a, b, c, m: R.attention(a, b, c, attn_mask=m), f64)
+        ours = grads(lambda a, b, c, m: TF.scaled_dot_product_attention(a, b, c, attn_mask=m, enable_gqa=True), dtype)
+        with sdpa_kernel(SDPBackend.MATH):
+            math_ = grads(lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m, enable_gqa=True),
+                          dtype)
+        for a, t, r in zip(ours, math_, ref):
+            e_ours = (a.double() - r).abs().max().item()
+            e_torch = (t.double() - r).abs().max().item()
+            assert e_ours <= 2 * e_torch + 1e-6, f"seed {seed}: {e_ours:.3e} vs torch math {e_torch:.3e}"

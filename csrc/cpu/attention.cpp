@@ -379,6 +379,10 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = static_cast<acc_t>(dropout_scale(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
+  // bf16/fp16 at tiny value head dims: delta from an extra pass over the key blocks (see below).
+  // It costs the QK^T and dO V^T products once more, cheap only where the head dims are small.
+  constexpr int64_t kExactDeltaMaxEv = 16;
+  const bool exact_delta = !std::is_same_v<scalar_t, acc_t> && Ev <= kExactDeltaMaxEv;
   const auto* q_all = static_cast<const scalar_t*>(p.q);
   const auto* k_all = static_cast<const scalar_t*>(p.k);
   const auto* v_all = static_cast<const scalar_t*>(p.v);
@@ -412,8 +416,45 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
               p.grad_out_stride[2], rows, Ev, do_buf.data(), &ldo);
           const acc_t* lse = static_cast<const acc_t*>(p.lse) + (n * H + h) * L + i0;
           // delta = rowsum(dO * O): the softmax backward's correction term.
+          if (exact_delta) {
+            // As rowsum(P_drop * dP) over the very dP tiles the main pass recomputes, not from the
+            // output rounded to bf16/fp16: dS = P * (dP - delta) cancels, and at tiny head dims
+            // the rounding of O (and a different summation order) dominated dq/dk, up to 80x the
+            // error of torch's math backend, which computes delta this way in fp32.
+            std::fill(delta.begin(), delta.end(), acc_t(0));
+            const int64_t kv_stop = kv_limit(p, i0, rows);
+            for (int64_t j0 = 0; j0 < kv_stop; j0 += bk) {
+              const int64_t cols = std::min(bk, kv_stop - j0);
+              const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
+              if (block_mask.all_masked()) continue;
+              int64_t ldk2, ldv2;
+              const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk2);
+              const acc_t* v = tile(v_nh + j0 * p.v_stride[2], p.v_stride[2], cols, Ev, v_buf.data(), &ldv2);
+              scaled_scores(rows, cols, E, scale, q, ldq, k, ldk2, probs.data(), bk);
+              for (int64_t r = 0; r < rows; ++r) {
+                acc_t* s = probs.data() + r * bk;
+                if (!(lse[r] > neg_inf<acc_t>())) {  // fully masked (0) or NaN row (NaN)
+                  std::fill(s, s + cols, lse[r] == neg_inf<acc_t>() ? acc_t(0) : lse[r]);
+                  continue;
+                }
+                block_mask.apply(i0 + r, s);
+                exp_shift_sum(s, cols, lse[r]);
+                if (dropout) {
+                  const uint64_t idx0 = static_cast<uint64_t>(((n * H + h) * L + i0 + r) * S + j0);
+                  acc_t* f = factors.data() + r * bk;
+                  dropout_factors(p.rng, threshold, keep_scale, idx0, cols, f);
+                  at::vec::map2([](auto x, auto y) { return x * y; }, s, s, f, cols);
+                }
+              }
+              gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), dout, ldo, v, ldv2, acc_t(0),
+                          dprobs.data(), bk);
+              for (int64_t r = 0; r < rows; ++r) {
+                delta[r] += detail::dot(probs.data() + r * bk, dprobs.data() + r * bk, cols);
+              }
+            }
+          }
           const scalar_t* o_blk = o_all + n * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-          for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t r = 0; r < rows && !exact_delta; ++r) {
             const scalar_t* orow = o_blk + r * p.out_stride[2];
             if constexpr (std::is_same_v<scalar_t, acc_t>) {
               std::copy(orow, orow + Ev, o_row.data());
