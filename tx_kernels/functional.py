@@ -4,7 +4,7 @@ Every function is differentiable with respect to each tensor argument and runs t
 operator for the tensors' device (CPU always; CUDA in CUDA builds).
 """
 import math
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,7 +31,7 @@ def _require_tensor(x, name):
 
 
 def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (float, int)):
+    if isinstance(eps, bool) or not isinstance(eps, Real):
         raise TypeError(f"tx_kernels: `eps` must be a number, got {type(eps).__name__}")
 
 
@@ -96,7 +96,7 @@ def scaled_dot_product_attention(
     _check_dropout_p(dropout_p)
     _check_bool(is_causal, "is_causal")
     _check_bool(enable_gqa, "enable_gqa")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (float, int))):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)):
         raise TypeError(f"tx_kernels: `scale` must be a number or None, got {type(scale).__name__}")
     squeeze = query.dim() == 3
     if squeeze:
