@@ -60,6 +60,32 @@ CASES = {
     "ffn_weight2": ("TF.feed_forward(x, torch.ones(16, 8), None, torch.ones(8, 15), None)", "ValueError", "weight2"),
     "ffn_activation": ("TF.feed_forward(x, torch.ones(16, 8), None, torch.ones(8, 16), None, activation='tanh')",
                        "ValueError", "activation"),
+    # argument types (issue 11, finding 7): flags are bools, shapes are ints, inputs have a feature dim
+    "ffn_scalar_input": ("TF.feed_forward(torch.tensor(1.), torch.ones(16, 8), None, torch.ones(8, 16), None)",
+                         "ValueError", "input"),
+    "ln_shape_float": ("TF.layer_norm(x, 8.0)", "TypeError", "normalized_shape"),
+    "ln_shape_float_seq": ("TF.layer_norm(x, (8.0,))", "TypeError", "normalized_shape"),
+    "ln_eps_str": ("TF.layer_norm(x, (8,), eps='1e-5')", "TypeError", "eps"),
+    "attn_is_causal_str": ("TF.scaled_dot_product_attention(q, k, v, is_causal='yes')", "TypeError", "is_causal"),
+    "attn_gqa_str": ("TF.scaled_dot_product_attention(q, k, v, enable_gqa='no')", "TypeError", "enable_gqa"),
+    "attn_scale_str": ("TF.scaled_dot_product_attention(q, k, v, scale='0.5')", "TypeError", "scale"),
+    "add_ln_return_residual_str": ("TF.add_layer_norm(x, x, (8,), return_residual='no')", "TypeError",
+                                   "return_residual"),
+    "act_name_not_str": ("TF.bias_act(x, None, 0)", "ValueError", "activation"),
+    # meta (or other-device) tensors among CPU ones (finding 3): routed to the fake kernel, which
+    # must refuse them instead of returning uninitialised memory
+    "meta_ln_weight": ("TF.layer_norm(x, (8,), torch.ones(8, device='meta'))", "ValueError", "weight"),
+    "meta_ln_bias": ("TF.layer_norm(x, (8,), None, torch.ones(8, device='meta'))", "ValueError", "bias"),
+    "meta_add_ln_residual": ("TF.add_layer_norm(x, x.to('meta'), (8,))", "ValueError", "residual"),
+    "meta_act_bias": ("TF.bias_relu(x, torch.ones(8, device='meta'))", "ValueError", "bias"),
+    "meta_attn_mask": ("TF.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 6, device='meta'))",
+                       "ValueError", "attn_mask"),
+    "meta_attn_key": ("TF.scaled_dot_product_attention(q, k.to('meta'), v)", "ValueError", "key"),
+    "meta_attn_bwd_lse": ("ops.attention_bwd(q, q, k, v, q, torch.zeros(2, 4, 5, device='meta'), None, 1.0, "
+                          "False, 0.0, None, False)", "ValueError", "logsumexp"),
+    "meta_ln_bwd_rstd": ("ops.layer_norm_bwd(x, None, x, torch.zeros(6), torch.zeros(6, device='meta'), None, "
+                         "None, 1)", "ValueError", "rstd"),
+    "meta_act_bwd_grad": ("ops.bias_act_bwd(x.to('meta'), x, None, 'relu', 0.0, None)", "ValueError", "grad_out"),
 }
 
 PRELUDE = """

@@ -190,3 +190,49 @@ def test_pretrained_minilm_bert_parity(monkeypatch):
     assert rel_err(b.last_hidden_state[real], a.last_hidden_state[real]) < 1e-5
     assert rel_err(c.last_hidden_state[real], a.last_hidden_state[real]) < 1e-5
     assert not report.left_alone
+
+
+def _bert_small():
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_patched_hf_model_pickles_into_a_fresh_process(tmp_path, family):
+    """torch.save of a patched model loads (weights_only=False) in a new interpreter, which has
+    imported neither tx_kernels nor the patched classes, and computes the same outputs; a
+    save_pretrained / from_pretrained round trip keeps working."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = (_gpt2() if family == "gpt2" else _bert_small()).eval()
+    tx_kernels.patch(model)
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)[0]
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    code = (
+        "import torch, sys\n"
+        f"d = {str(tmp_path)!r}\n"
+        "m = torch.load(d + '/model.pt', weights_only=False)\n"
+        "assert 'tx_kernels' in type(m).__module__ or any(type(x).__module__.startswith('tx_kernels') "
+        "for x in m.modules())\n"
+        "with torch.no_grad():\n"
+        "    out = m(torch.load(d + '/ids.pt'))[0]\n"
+        "exp = torch.load(d + '/expected.pt')\n"
+        "assert (out - exp).abs().max().item() <= 1e-6, (out - exp).abs().max().item()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    model.save_pretrained(tmp_path / "hf")
+    cls = type(model)
+    reloaded = tx_kernels.patch(cls.from_pretrained(tmp_path / "hf").eval())
+    with torch.no_grad():
+        assert (reloaded(ids)[0] - expected).abs().max().item() <= 1e-6

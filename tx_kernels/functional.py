@@ -4,7 +4,7 @@ Every function is differentiable with respect to each tensor argument and runs t
 operator for the tensors' device (CPU always; CUDA in CUDA builds).
 """
 import math
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +28,17 @@ _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 def _require_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tx_kernels: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"tx_kernels: `eps` must be a number, got {type(eps).__name__}")
+
+
+def _check_bool(x, name):
+    # bool("no") is True: a string or number passed for a flag must not be read as one.
+    if not isinstance(x, bool):
+        raise TypeError(f"tx_kernels: `{name}` must be a bool, got {type(x).__name__} {x!r}")
 
 
 def _check_dropout_p(p, name="dropout_p"):
@@ -59,11 +70,17 @@ def scaled_dot_product_attention(
     query (N, H, L, E) or (N, L, E); key (N, Hkv, S, E); value (N, Hkv, S, Ev). Any strides work,
     e.g. a (N, L, H, E) tensor viewed with .transpose(1, 2), without a copy.
     attn_mask: bool (True = attend) or floating (added to the scores), broadcastable to
-    (N, H, L, S); it is read in place, never expanded. is_causal lets query i attend to keys 0..i
+    (N, H, L, S); it is read in place, never expanded. A floating mask may have any floating
+    dtype, whatever the inputs' (e.g. an fp16 mask with fp32 inputs): its values are widened to
+    the accumulation type (fp32; fp64 for fp64 inputs) and added without rounding to the inputs'
+    dtype. A mask value of -inf masks the key exactly as False does in a bool mask (the score is
+    replaced, so a NaN score at a masked key does not reach the row).
+    is_causal lets query i attend to keys 0..i
     (top-left aligned, as in torch); unlike torch it may be combined with attn_mask.
     enable_gqa: allow H to be a multiple of Hkv (grouped-query attention).
-    Differences from torch: a query row that no key may attend to gives 0 (torch gives NaN), and
-    its gradients are 0.
+    Differences from torch: a query row that no key may attend to (decided by the mask and
+    is_causal alone) gives 0 (torch gives NaN), and its gradients are 0. NaN or Inf anywhere else
+    in the inputs, the mask or `scale` propagates as in torch. Double backward is not supported.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _require_tensor(t, name)
@@ -77,6 +94,10 @@ def scaled_dot_product_attention(
             raise ValueError(f"tx_kernels: `{name}` has {t.dim()} dimensions but `query` has "
                              f"{query.dim()}; shapes {tuple(t.shape)} and {tuple(query.shape)}")
     _check_dropout_p(dropout_p)
+    _check_bool(is_causal, "is_causal")
+    _check_bool(enable_gqa, "enable_gqa")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)):
+        raise TypeError(f"tx_kernels: `scale` must be a number or None, got {type(scale).__name__}")
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -99,8 +120,14 @@ def scaled_dot_product_attention(
 
 
 def _normalized_ndim(input, normalized_shape):
-    if isinstance(normalized_shape, Integral):
+    if isinstance(normalized_shape, torch.Size):
+        normalized_shape = tuple(normalized_shape)
+    if isinstance(normalized_shape, Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (int(normalized_shape),)
+    if not isinstance(normalized_shape, (tuple, list)) or not all(
+            isinstance(s, Integral) and not isinstance(s, bool) for s in normalized_shape):
+        raise TypeError(f"tx_kernels: `normalized_shape` must be an int or a sequence of ints, got "
+                        f"{normalized_shape!r}")
     normalized_shape = tuple(int(s) for s in normalized_shape)
     n = len(normalized_shape)
     if n == 0 or input.dim() < n or tuple(input.shape[input.dim() - n:]) != normalized_shape:
@@ -119,6 +146,7 @@ def layer_norm(
     """As torch.nn.functional.layer_norm (statistics in fp32 for fp16/bf16 inputs)."""
     _require_tensor(input, "input")
     n = _normalized_ndim(input, normalized_shape)
+    _check_eps(eps)
     return ops.layer_norm_fwd(input, weight, bias, n, float(eps))[0]
 
 
@@ -142,6 +170,8 @@ def add_layer_norm(
     _require_tensor(input, "input")
     _require_tensor(residual, "residual")
     n = _normalized_ndim(input, normalized_shape)
+    _check_eps(eps)
+    _check_bool(return_residual, "return_residual")
     if input.dtype != residual.dtype and input.is_floating_point() and residual.is_floating_point():
         # As `input + residual` would: both in the promoted dtype (e.g. a bf16 branch output added
         # to an fp32 residual stream under autocast).
@@ -158,7 +188,7 @@ def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor], activation: str 
     _require_tensor(input, "input")
     if bias is not None:
         _require_tensor(bias, "bias")
-    if activation not in _ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
         raise ValueError(f"tx_kernels: `activation` must be one of {sorted(_ACTIVATIONS)}, "
                          f"got {activation!r}")
     _check_dropout_p(dropout_p)
@@ -193,6 +223,9 @@ def feed_forward(
     """
     for name, t in (("input", input), ("weight1", weight1), ("weight2", weight2)):
         _require_tensor(t, name)
+    if input.dim() < 1:
+        raise ValueError(f"tx_kernels: `input` must have at least 1 dimension (features last), "
+                         f"got a 0-dimensional tensor")
     if weight1.dim() != 2 or weight2.dim() != 2:
         raise ValueError(f"tx_kernels: `weight1` and `weight2` must be 2-D, got shapes "
                          f"{tuple(weight1.shape)} and {tuple(weight2.shape)}")

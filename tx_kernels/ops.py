@@ -37,6 +37,42 @@ def _empty_like_layout(like, last, dtype):
     return like.new_empty((n, h, l, last), dtype=dtype)
 
 
+def _check_devices(ref_name, ref, **others):
+    """Every tensor argument on `ref`'s device.
+
+    A meta (or other-device) tensor among CPU ones sends the call to the fake kernel instead of
+    the backend's, where the binding's device check never runs: without this the call would
+    return uninitialised memory.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"tx_kernels: `{name}` is on {t.device} but `{ref_name}` is on "
+                             f"{ref.device}; they must be on one device")
+
+
+def _refuse_double_backward(op_name):
+    """Autograd for a backward op: its own gradient (double backward) is not implemented.
+
+    Registered so that a second backward through a create_graph=True gradient raises instead of
+    silently giving 0 or None (what the dispatcher's fallback for ops without autograd does).
+    """
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"tx_kernels: double backward through {op_name} is not supported (the "
+                           f"gradient of its gradient, e.g. torch.autograd.grad(..., "
+                           f"create_graph=True) then backward)")
+
+    torch.library.register_autograd(f"tx_kernels::{op_name}_bwd", backward,
+                                    setup_context=setup_context)
+
+
+def _acc_dtype(t):
+    """dtype of statistics and logsumexp for inputs like `t` (acc_type in csrc/binding/checks.h)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _rows(t, normalized_ndim):
     rows = 1
     for s in t.shape[: t.dim() - normalized_ndim]:
@@ -49,14 +85,17 @@ def _rows(t, normalized_ndim):
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("tx_kernels::attention_fwd")
 def _attention_fwd_fake(query, key, value, attn_mask, scale, is_causal, dropout_p, rng):
+    _check_devices("query", query, key=key, value=value, attn_mask=attn_mask)
     out = _empty_like_layout(query, value.shape[-1], query.dtype)
-    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    lse = query.new_empty(query.shape[:3], dtype=_acc_dtype(query))
     return out, lse
 
 
 @torch.library.register_fake("tx_kernels::attention_bwd")
 def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, scale, is_causal,
                         dropout_p, rng, compute_mask_grad):
+    _check_devices("query", query, grad_out=grad_out, key=key, value=value, out=out,
+                   logsumexp=logsumexp, attn_mask=attn_mask)
     dq = _empty_like_layout(query, query.shape[-1], query.dtype)
     dk = _empty_like_layout(key, key.shape[-1], key.dtype)
     dv = _empty_like_layout(value, value.shape[-1], value.dtype)
@@ -87,6 +126,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("tx_kernels::attention_fwd", _attention_backward,
                                 setup_context=_attention_setup_context)
+_refuse_double_backward("attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,15 +134,17 @@ torch.library.register_autograd("tx_kernels::attention_fwd", _attention_backward
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("tx_kernels::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, weight, bias, normalized_ndim, eps):
+    _check_devices("input", input, weight=weight, bias=bias)
     rows = _rows(input, normalized_ndim)
-    stats = input.new_empty((rows,), dtype=torch.float32)
+    stats = input.new_empty((rows,), dtype=_acc_dtype(input))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
 
 
 @torch.library.register_fake("tx_kernels::add_layer_norm_fwd")
 def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps, return_residual=True):
+    _check_devices("input", input, residual=residual, weight=weight, bias=bias)
     rows = _rows(input, normalized_ndim)
-    stats = input.new_empty((rows,), dtype=torch.float32)
+    stats = input.new_empty((rows,), dtype=_acc_dtype(input))
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     residual_out = torch.empty_like(out) if return_residual else input.new_empty((0,))
     return out, residual_out, stats, stats.clone()
@@ -111,6 +153,8 @@ def _add_layer_norm_fwd_fake(input, residual, weight, bias, normalized_ndim, eps
 @torch.library.register_fake("tx_kernels::layer_norm_bwd")
 def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
                          normalized_ndim, residual=None):
+    _check_devices("input", input, grad_out=grad_out, grad_residual_out=grad_residual_out, mean=mean,
+                   rstd=rstd, weight=weight, bias=bias, residual=residual)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
     grad_weight = torch.empty_like(weight) if weight is not None else input.new_empty((0,))
     grad_bias = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
@@ -168,6 +212,7 @@ def _add_layer_norm_backward(ctx, grad_out, grad_residual_out, grad_mean, grad_r
 
 torch.library.register_autograd("tx_kernels::add_layer_norm_fwd", _add_layer_norm_backward,
                                 setup_context=_add_layer_norm_setup_context)
+_refuse_double_backward("layer_norm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,11 +220,13 @@ torch.library.register_autograd("tx_kernels::add_layer_norm_fwd", _add_layer_nor
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("tx_kernels::bias_act_fwd")
 def _bias_act_fwd_fake(input, bias, activation, dropout_p, rng):
+    _check_devices("input", input, bias=bias)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("tx_kernels::bias_act_bwd")
 def _bias_act_bwd_fake(grad_out, input, bias, activation, dropout_p, rng):
+    _check_devices("input", input, grad_out=grad_out, bias=bias)
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
     grad_bias = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
     return grad_input, grad_bias
@@ -199,3 +246,4 @@ def _bias_act_backward(ctx, grad_out):
 
 torch.library.register_autograd("tx_kernels::bias_act_fwd", _bias_act_backward,
                                 setup_context=_bias_act_setup_context)
+_refuse_double_backward("bias_act")

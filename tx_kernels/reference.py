@@ -14,7 +14,9 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, en
               dropout_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
     """softmax(scale * q k^T + mask) v with (N, H, L, E) inputs, materializing the scores.
 
-    Rows with no allowed key give 0 (the tx_kernels convention). dropout_mask, if given, is a
+    Rows with no allowed key give 0 (the tx_kernels convention), decided by the mask alone (False,
+    or -inf in an additive mask, or causality); NaN and Inf elsewhere propagate as in torch's
+    composite. dropout_mask, if given, is a
     boolean keep-mask of shape (N, H, L, S) applied to the probabilities with 1 / (1 - dropout_p).
     """
     N, H, L, E = query.shape
@@ -34,17 +36,42 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, en
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask.expand(N, H, L, S)
         else:
+            allowed = allowed & (attn_mask != float("-inf")).expand(N, H, L, S)
             scores = scores + attn_mask.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    has_key = allowed.any(dim=-1, keepdim=True)
+    row_max = scores.amax(dim=-1, keepdim=True)  # NaN if any score is NaN
+    row_max = torch.where(has_key, row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    probs = torch.where(denom > 0, weights / denom.clamp_min(torch.finfo(denom.dtype).tiny),
+    probs = torch.where(has_key, weights / torch.where(has_key, denom, torch.ones_like(denom)),
                         torch.zeros_like(weights))
     if dropout_mask is not None:
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     return torch.matmul(probs, value)
+
+
+def dropout_keep_mask(seed, offset, numel, p):
+    """The keep-mask of elements 0..numel-1 for rng [seed, offset] and drop probability p,
+    implemented in numpy from the comments of csrc/kernels/philox.h (Philox4x32-10; element e
+    takes word e % 4 of counter (e // 4, offset); kept iff word >= p * 2^32)."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    seed, offset = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
+    c = [groups & m32, groups >> np.uint64(32),
+         np.full_like(groups, offset & m32), np.full_like(groups, offset >> np.uint64(32))]
+    k0, k1 = seed & m32, seed >> np.uint64(32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & m32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & m32
+    words = np.stack(c, axis=1).reshape(-1)[:numel]
+    threshold = 0 if p <= 0 else (2**32 - 1 if p >= 1 else int(p * 2**32))
+    return torch.from_numpy(words >= np.uint64(threshold))
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, normalized_ndim=1):

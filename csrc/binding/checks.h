@@ -48,6 +48,11 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
                     t.sizes());
 }
 
+// The type in which kernels take parameters and write statistics, logsumexp and parameter
+// gradients for data of type `s` (params.h): fp64 for fp64, so fp64 stays fp64-accurate end to
+// end; fp32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline DType to_dtype(at::ScalarType s) {
   switch (s) {
     case at::kFloat: return DType::kFloat32;

@@ -52,9 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t normalized_ndim, const std::optional<at::Tensor>& residual) {
-  // The fp64 kernel recomputes the mean in fp64 from the normalized tensor, so it gets the sum.
   auto call = prepare_layer_norm_bwd(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                                     normalized_ndim, residual, input.scalar_type() != at::kDouble);
+                                     normalized_ndim, residual, /*kernel_adds_residual=*/true);
   if (call.params.rows > 0 && call.params.cols > 0) cpu::layer_norm_bwd(call.params);
   return finish_layer_norm_bwd(call);
 }

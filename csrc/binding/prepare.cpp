@@ -138,18 +138,18 @@ AttentionFwdCall prepare_attention_fwd(const at::Tensor& query, const at::Tensor
     call.mask = broadcast_mask(*attn_mask, query, N, H, L, S);
   }
   call.out = empty_like_layout(call.q, value.size(3), query.scalar_type());
-  call.lse = at::empty({N, H, L}, query.options().dtype(at::kFloat));
+  call.lse = at::empty({N, H, L}, query.options().dtype(acc_type(query.scalar_type())));
   fill_attention_common(call.params, call.q, call.k, call.v, call.mask, scale, is_causal,
                         dropout_p, rng);
   call.params.out = call.out.data_ptr();
-  call.params.lse = call.lse.data_ptr<float>();
+  call.params.lse = call.lse.data_ptr();
   fill_strides3(call.out, call.params.out_stride);
   if (call.lse.numel() == 0) {
     call.empty = true;  // no query row at all
   } else if (S == 0) {
     // No key at all: every row is fully masked.
     call.out.zero_();
-    call.lse.fill_(-std::numeric_limits<float>::infinity());
+    call.lse.fill_(-std::numeric_limits<double>::infinity());
     call.empty = true;
   }
   return call;
@@ -178,8 +178,9 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
     check_size(out, "out", d, expected_out[d], "as in (N, H, L, Ev)");
   }
   check_dim(logsumexp, "logsumexp", 3);
-  TORCH_CHECK_TYPE(logsumexp.scalar_type() == at::kFloat,
-                   "tx_kernels: `logsumexp` must be float32, got ", logsumexp.scalar_type());
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc_type(query.scalar_type()),
+                   "tx_kernels: `logsumexp` must be ", acc_type(query.scalar_type()), " for ",
+                   query.scalar_type(), " inputs, got ", logsumexp.scalar_type());
   TORCH_CHECK_VALUE(logsumexp.size(0) == N && logsumexp.size(1) == H && logsumexp.size(2) == L,
                     "tx_kernels: `logsumexp` must have shape (N, H, L) = (", N, ", ", H, ", ", L,
                     "), got ", logsumexp.sizes());
@@ -206,7 +207,7 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
   fill_attention_common(p, call.q, call.k, call.v, call.mask, scale, is_causal, dropout_p, rng);
   p.out = const_cast<void*>(call.out.data_ptr());
   fill_strides3(call.out, p.out_stride);
-  p.lse = call.lse.data_ptr<float>();
+  p.lse = call.lse.data_ptr();
   p.grad_out = call.grad_out.data_ptr();
   fill_strides3(call.grad_out, p.grad_out_stride);
   p.dq = call.dq.data_ptr();
@@ -216,8 +217,8 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
   fill_strides3(call.dk, p.dk_stride);
   fill_strides3(call.dv, p.dv_stride);
   if (compute_mask_grad) {
-    call.dmask_full = at::zeros({N, H, L, S}, query.options().dtype(at::kFloat));
-    p.dmask = call.dmask_full.data_ptr<float>();
+    call.dmask_full = at::zeros({N, H, L, S}, query.options().dtype(acc_type(query.scalar_type())));
+    p.dmask = call.dmask_full.data_ptr();
   }
   if (call.q.numel() == 0 || call.k.numel() == 0 || call.v.numel() == 0 || L == 0 || S == 0) {
     call.dq.zero_();
@@ -261,7 +262,7 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t cols) {
   return r;
 }
 
-at::Tensor param_as_fp32(const std::optional<at::Tensor>& param, const char* name,
+at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const char* name,
                          const at::Tensor& input, int64_t normalized_ndim, int64_t cols) {
   if (!param.has_value() || !param->defined()) return at::Tensor();
   const auto& p = *param;
@@ -274,7 +275,7 @@ at::Tensor param_as_fp32(const std::optional<at::Tensor>& param, const char* nam
   TORCH_CHECK_VALUE(shape_ok, "tx_kernels: `", name, "` has shape ", p.sizes(),
                     " but the normalized shape of `input` ", input.sizes(), " is its last ",
                     normalized_ndim, " dimension(s)");
-  return p.reshape({cols}).to(at::kFloat).contiguous();
+  return p.reshape({cols}).to(acc_type(input.scalar_type())).contiguous();
 }
 
 }  // namespace
@@ -299,22 +300,22 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
                       residual->sizes(), " but `input` has shape ", input.sizes());
     call.residual2d = as_rows(*residual, rows, cols);
   }
-  call.weight32 = param_as_fp32(weight, "weight", input, normalized_ndim, cols);
-  call.bias32 = param_as_fp32(bias, "bias", input, normalized_ndim, cols);
+  call.weight_acc = param_as_acc(weight, "weight", input, normalized_ndim, cols);
+  call.bias_acc = param_as_acc(bias, "bias", input, normalized_ndim, cols);
   TORCH_CHECK_VALUE(eps >= 0.0, "tx_kernels: `eps` must be non-negative, got ", eps);
 
   call.out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   if (has_residual) {
     call.residual_out = write_residual ? at::empty_like(call.out) : at::empty({0}, input.options());
   }
-  call.mean = at::empty({rows}, input.options().dtype(at::kFloat));
-  call.rstd = at::empty({rows}, input.options().dtype(at::kFloat));
+  call.mean = at::empty({rows}, input.options().dtype(acc_type(input.scalar_type())));
+  call.rstd = at::empty({rows}, input.options().dtype(acc_type(input.scalar_type())));
 
   auto& p = call.params;
   p.dtype = to_dtype(input.scalar_type());
   p.rows = rows;
   p.cols = cols;
-  p.eps = static_cast<float>(eps);
+  p.eps = eps;
   p.input = call.input2d.data_ptr();
   p.input_row_stride = call.input2d.stride(0);
   if (has_residual) {
@@ -322,11 +323,11 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
     p.residual_row_stride = call.residual2d.stride(0);
     p.residual_out = write_residual ? call.residual_out.data_ptr() : nullptr;
   }
-  p.weight = call.weight32.defined() ? call.weight32.data_ptr<float>() : nullptr;
-  p.bias = call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr;
+  p.weight = call.weight_acc.defined() ? call.weight_acc.data_ptr() : nullptr;
+  p.bias = call.bias_acc.defined() ? call.bias_acc.data_ptr() : nullptr;
   p.out = call.out.data_ptr();
-  p.mean = call.mean.data_ptr<float>();
-  p.rstd = call.rstd.data_ptr<float>();
+  p.mean = call.mean.data_ptr();
+  p.rstd = call.rstd.data_ptr();
   return call;
 }
 
@@ -348,9 +349,12 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                     grad_out.sizes(), " but `input` has shape ", input.sizes());
   const int64_t cols = normalized_cols(input, normalized_ndim);
   const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
-  TORCH_CHECK_VALUE(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat &&
+  const auto stats = acc_type(input.scalar_type());
+  TORCH_CHECK_VALUE(mean.scalar_type() == stats && rstd.scalar_type() == stats &&
                         mean.numel() == rows && rstd.numel() == rows,
-                    "tx_kernels: `mean` and `rstd` must be float32 with ", rows, " elements");
+                    "tx_kernels: `mean` and `rstd` must be ", stats, " with ", rows,
+                    " elements for ", input.scalar_type(), " `input`, got ", mean.scalar_type(),
+                    " and ", rstd.scalar_type(), " with ", mean.numel(), " and ", rstd.numel());
   LayerNormBwdCall call;
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
@@ -375,13 +379,12 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                       " but `input` has shape ", input.sizes());
     call.grad_residual2d = grad_residual_out->reshape({rows, cols}).contiguous();
   }
-  call.weight32 = param_as_fp32(weight, "weight", input, normalized_ndim, cols);
+  call.weight_acc = param_as_acc(weight, "weight", input, normalized_ndim, cols);
   if (weight.has_value() && weight->defined()) call.weight_arg = *weight;
   if (bias.has_value() && bias->defined()) call.bias_arg = *bias;
   call.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  const auto f32 = input.options().dtype(at::kFloat);
-  if (call.weight_arg.defined()) call.grad_weight32 = at::empty({cols}, f32);
-  if (call.bias_arg.defined()) call.grad_bias32 = at::empty({cols}, f32);
+  if (call.weight_arg.defined()) call.grad_weight_acc = at::empty({cols}, input.options().dtype(stats));
+  if (call.bias_arg.defined()) call.grad_bias_acc = at::empty({cols}, input.options().dtype(stats));
 
   auto& p = call.params;
   p.dtype = to_dtype(input.scalar_type());
@@ -393,16 +396,16 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
   p.residual = call.residual2d.defined() ? call.residual2d.data_ptr() : nullptr;
   call.mean = mean.contiguous();
   call.rstd = rstd.contiguous();
-  p.mean = call.mean.data_ptr<float>();
-  p.rstd = call.rstd.data_ptr<float>();
-  p.weight = call.weight32.defined() ? call.weight32.data_ptr<float>() : nullptr;
+  p.mean = call.mean.data_ptr();
+  p.rstd = call.rstd.data_ptr();
+  p.weight = call.weight_acc.defined() ? call.weight_acc.data_ptr() : nullptr;
   p.grad_input = call.grad_input.data_ptr();
-  p.grad_weight = call.grad_weight32.defined() ? call.grad_weight32.data_ptr<float>() : nullptr;
-  p.grad_bias = call.grad_bias32.defined() ? call.grad_bias32.data_ptr<float>() : nullptr;
+  p.grad_weight = call.grad_weight_acc.defined() ? call.grad_weight_acc.data_ptr() : nullptr;
+  p.grad_bias = call.grad_bias_acc.defined() ? call.grad_bias_acc.data_ptr() : nullptr;
   if (rows == 0 || cols == 0) {
     call.grad_input.zero_();
-    if (call.grad_weight32.defined()) call.grad_weight32.zero_();
-    if (call.grad_bias32.defined()) call.grad_bias32.zero_();
+    if (call.grad_weight_acc.defined()) call.grad_weight_acc.zero_();
+    if (call.grad_bias_acc.defined()) call.grad_bias_acc.zero_();
   }
   return call;
 }
@@ -410,10 +413,10 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const LayerNormBwdCall& call) {
   // Distinct empty tensors: outputs of an op must not alias each other (opcheck's schema test).
   auto gw = call.weight_arg.defined()
-                ? call.grad_weight32.reshape(call.weight_arg.sizes()).to(call.weight_arg.scalar_type())
+                ? call.grad_weight_acc.reshape(call.weight_arg.sizes()).to(call.weight_arg.scalar_type())
                 : at::empty({0}, call.input2d.options());
   auto gb = call.bias_arg.defined()
-                ? call.grad_bias32.reshape(call.bias_arg.sizes()).to(call.bias_arg.scalar_type())
+                ? call.grad_bias_acc.reshape(call.bias_arg.sizes()).to(call.bias_arg.scalar_type())
                 : at::empty({0}, call.input2d.options());
   return {call.grad_input, gw, gb};
 }
@@ -432,7 +435,7 @@ Activation parse_activation(std::string_view name) {
 }
 
 void fill_bias_act(BiasActParams& p, const at::Tensor& input, const at::Tensor& input2d,
-                   const at::Tensor& bias32, std::string_view activation, double dropout_p,
+                   const at::Tensor& bias_acc, std::string_view activation, double dropout_p,
                    const std::optional<at::Tensor>& rng) {
   check_dropout_p(dropout_p);
   p.dtype = to_dtype(input.scalar_type());
@@ -441,12 +444,12 @@ void fill_bias_act(BiasActParams& p, const at::Tensor& input, const at::Tensor& 
   p.cols = input2d.size(1);
   p.input = input2d.data_ptr();
   p.input_row_stride = input2d.stride(0);
-  p.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  p.bias = bias_acc.defined() ? bias_acc.data_ptr() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = read_rng(rng, dropout_p);
 }
 
-at::Tensor bias_as_fp32(const std::optional<at::Tensor>& bias, const at::Tensor& input) {
+at::Tensor bias_as_acc(const std::optional<at::Tensor>& bias, const at::Tensor& input) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   check_floating(*bias, "bias");
   check_same_device(*bias, "bias", input, "input");
@@ -454,7 +457,7 @@ at::Tensor bias_as_fp32(const std::optional<at::Tensor>& bias, const at::Tensor&
                     "tx_kernels: `bias` must have shape (", input.size(-1),
                     ",) to match the last dimension of `input` ", input.sizes(), ", got ",
                     bias->sizes());
-  return bias->to(at::kFloat).contiguous();
+  return bias->to(acc_type(input.scalar_type())).contiguous();
 }
 
 void check_bias_act_input(const at::Tensor& input) {
@@ -473,9 +476,9 @@ BiasActFwdCall prepare_bias_act_fwd(const at::Tensor& input, const std::optional
   const int64_t cols = input.size(-1);
   const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
   call.input2d = as_rows(input, rows, cols);
-  call.bias32 = bias_as_fp32(bias, input);
+  call.bias_acc = bias_as_acc(bias, input);
   call.out = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  fill_bias_act(call.params, input, call.input2d, call.bias32, activation, dropout_p, rng);
+  fill_bias_act(call.params, input, call.input2d, call.bias_acc, activation, dropout_p, rng);
   call.params.out = call.out.data_ptr();
   return call;
 }
@@ -495,23 +498,23 @@ BiasActBwdCall prepare_bias_act_bwd(const at::Tensor& grad_out, const at::Tensor
   const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
   call.input2d = as_rows(input, rows, cols);
   call.grad_out2d = grad_out.reshape({rows, cols}).contiguous();
-  call.bias32 = bias_as_fp32(bias, input);
+  call.bias_acc = bias_as_acc(bias, input);
   if (bias.has_value() && bias->defined()) {
     call.bias_arg = *bias;
-    call.grad_bias32 = at::zeros({cols}, input.options().dtype(at::kFloat));
+    call.grad_bias_acc = at::zeros({cols}, input.options().dtype(acc_type(input.scalar_type())));
   }
   call.grad_input = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   auto& p = call.params;
-  fill_bias_act(p, input, call.input2d, call.bias32, activation, dropout_p, rng);
+  fill_bias_act(p, input, call.input2d, call.bias_acc, activation, dropout_p, rng);
   p.grad_out = call.grad_out2d.data_ptr();
   p.grad_input = call.grad_input.data_ptr();
-  p.grad_bias = call.grad_bias32.defined() ? call.grad_bias32.data_ptr<float>() : nullptr;
+  p.grad_bias = call.grad_bias_acc.defined() ? call.grad_bias_acc.data_ptr() : nullptr;
   return call;
 }
 
 at::Tensor finish_bias_grad(const BiasActBwdCall& call) {
   if (!call.bias_arg.defined()) return at::empty({0}, call.grad_input.options());
-  return call.grad_bias32.to(call.bias_arg.scalar_type());
+  return call.grad_bias_acc.to(call.bias_arg.scalar_type());
 }
 
 }  // namespace tx_kernels::binding

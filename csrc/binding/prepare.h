@@ -28,7 +28,7 @@ AttentionFwdCall prepare_attention_fwd(const at::Tensor& query, const at::Tensor
 struct AttentionBwdCall {
   AttentionBwdParams params;
   at::Tensor q, k, v, out, grad_out, lse, mask;
-  at::Tensor dq, dk, dv, dmask_full;  // dmask_full: fp32 (N, H, L, S) when the mask grad is wanted
+  at::Tensor dq, dk, dv, dmask_full;  // dmask_full: (N, H, L, S), acc_type, when the mask grad is wanted
   at::Tensor mask_arg;                // the mask as given, for the final reduction
   bool empty = false;
 };
@@ -46,7 +46,7 @@ at::Tensor finish_attention_mask_grad(const AttentionBwdCall& call);
 
 struct LayerNormFwdCall {
   LayerNormParams params;
-  at::Tensor input2d, residual2d, weight32, bias32;
+  at::Tensor input2d, residual2d, weight_acc, bias_acc;  // parameters in acc_type (checks.h)
   at::Tensor out, residual_out, mean, rstd;
 };
 
@@ -59,8 +59,8 @@ LayerNormFwdCall prepare_layer_norm_fwd(const at::Tensor& input,
 
 struct LayerNormBwdCall {
   LayerNormBwdParams params;
-  at::Tensor grad_out2d, grad_residual2d, input2d, residual2d, weight32, mean, rstd;
-  at::Tensor grad_input, grad_weight32, grad_bias32;
+  at::Tensor grad_out2d, grad_residual2d, input2d, residual2d, weight_acc, mean, rstd;
+  at::Tensor grad_input, grad_weight_acc, grad_bias_acc;
   at::Tensor weight_arg, bias_arg;
 };
 
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const Layer
 
 struct BiasActFwdCall {
   BiasActParams params;
-  at::Tensor input2d, bias32, out;
+  at::Tensor input2d, bias_acc, out;
 };
 
 BiasActFwdCall prepare_bias_act_fwd(const at::Tensor& input, const std::optional<at::Tensor>& bias,
@@ -88,7 +88,7 @@ BiasActFwdCall prepare_bias_act_fwd(const at::Tensor& input, const std::optional
 
 struct BiasActBwdCall {
   BiasActBwdParams params;
-  at::Tensor input2d, grad_out2d, bias32, grad_input, grad_bias32, bias_arg;
+  at::Tensor input2d, grad_out2d, bias_acc, grad_input, grad_bias_acc, bias_arg;
 };
 
 BiasActBwdCall prepare_bias_act_bwd(const at::Tensor& grad_out, const at::Tensor& input,

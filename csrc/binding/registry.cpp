@@ -16,7 +16,7 @@ namespace tx_kernels::binding {
 
 void define_ops(torch::Library& m) {
   // Attention. rng is an int64 CPU tensor [seed, offset] (required when dropout_p > 0).
-  // Returns (out, logsumexp); logsumexp is fp32 (N, H, L).
+  // Returns (out, logsumexp); logsumexp is (N, H, L), fp32 (fp64 for fp64 inputs).
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
       "bool is_causal, float dropout_p, Tensor? rng) -> (Tensor, Tensor)");
@@ -28,7 +28,7 @@ void define_ops(torch::Library& m) {
       "Tensor? rng, bool compute_mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // LayerNorm over the trailing normalized_ndim dims. Returns (out, mean, rstd); mean and rstd
-  // are fp32 with one entry per normalized row.
+  // have one entry per normalized row, fp32 (fp64 for fp64 inputs).
   m.def(
       "layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, int normalized_ndim, float eps) "
       "-> (Tensor, Tensor, Tensor)");

@@ -81,11 +81,14 @@ void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, i
   const int64_t off = n * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
                       j0 * p.mask_stride[3];
   const int64_t st = p.mask_stride[3];
+  // -inf masks its key as False does: the score is replaced, so a NaN or +inf score there does
+  // not poison the row (adding would give NaN).
   auto add = [&](auto* m) {
+    auto masked_add = [](acc_t s, acc_t b) { return b == neg_inf<acc_t>() ? b : s + b; };
     if (st == 1) {
-      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c]);
+      for (int64_t c = 0; c < cols; ++c) scores[c] = masked_add(scores[c], static_cast<acc_t>(m[c]));
     } else {
-      for (int64_t c = 0; c < cols; ++c) scores[c] += static_cast<acc_t>(m[c * st]);
+      for (int64_t c = 0; c < cols; ++c) scores[c] = masked_add(scores[c], static_cast<acc_t>(m[c * st]));
     }
   };
   switch (p.mask_dtype) {
@@ -129,8 +132,11 @@ class BlockMask {
 
   // Scores of query row i: mask, then causal (key j > i is disallowed).
   void apply(int64_t i, acc_t* scores) const {
-    if (shared_ != nullptr) {
-      at::vec::map2([](auto a, auto b) { return a + b; }, scores, scores, shared_, cols_);
+    if (shared_ != nullptr) {  // -inf replaces the score, as in apply_mask_row
+      at::vec::map2([](auto a, auto b) {
+        using V = decltype(a);
+        return V::blendv(a + b, b, b == V(neg_inf<acc_t>()));
+      }, scores, scores, shared_, cols_);
     } else if (p_.mask_kind != MaskKind::kNone) {
       apply_mask_row(p_, n_, h_, i, j0_, cols_, scores);
     }
@@ -163,7 +169,9 @@ void dropout_factors(const DropoutRng& rng, uint32_t threshold, acc_t keep_scale
 }
 
 // x[c] = exp(x[c] - shift) for c < cols; returns their sum. exp_u20 is the fp32 exponential
-// torch's own CPU flash attention uses; fp64 uses the full-precision one.
+// torch's own CPU flash attention uses; fp64 uses the full-precision one. exp_u20 clamps its
+// argument with a min that turns NaN into the largest finite exponent (a NaN score, or inf - inf,
+// would become a finite weight of 3e38), so NaN lanes are put back.
 template <typename acc_t>
 acc_t exp_shift_sum(acc_t* x, int64_t cols, acc_t shift) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -173,7 +181,7 @@ acc_t exp_shift_sum(acc_t* x, int64_t cols, acc_t shift) {
   for (; c + Vec::size() <= cols; c += Vec::size()) {
     Vec v = Vec::loadu(x + c) - vshift;
     if constexpr (std::is_same_v<acc_t, float>) {
-      v = v.exp_u20();
+      v = Vec::blendv(v.exp_u20(), v, v != v);
     } else {
       v = v.exp();
     }
@@ -188,6 +196,13 @@ acc_t exp_shift_sum(acc_t* x, int64_t cols, acc_t shift) {
   return sum;
 }
 
+// max that propagates NaN (std::max(a, NaN) is a): a NaN score must poison its row, not be
+// dropped, as at::vec::maximum does for the vector lanes.
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename acc_t>
 acc_t row_max(const acc_t* x, int64_t cols) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -195,8 +210,38 @@ acc_t row_max(const acc_t* x, int64_t cols) {
   int64_t c = 0;
   for (; c + Vec::size() <= cols; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c));
   acc_t out = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax);
-  for (; c < cols; ++c) out = std::max(out, x[c]);
+  for (; c < cols; ++c) out = nan_max(out, x[c]);
   return out;
+}
+
+// Whether query row i of (n, h) may attend to any key, by the mask and causality alone. Fully
+// masked rows (output 0) are told apart from rows whose scores are NaN or all -inf (output NaN,
+// as torch) by this, never by the softmax sum. Only called for rows whose sum is not positive.
+bool row_has_key(const AttentionParams& p, int64_t n, int64_t h, int64_t i) {
+  const int64_t end = p.is_causal ? std::min(p.kv_len, i + 1) : p.kv_len;
+  if (p.mask_kind == MaskKind::kNone || end <= 0) return end > 0;
+  const int64_t off = n * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
+  const int64_t st = p.mask_stride[3];
+  auto any_finite = [&](auto* m) {  // an additive -inf masks its key; anything else (NaN too) does not
+    for (int64_t c = 0; c < end; ++c) {
+      if (!(static_cast<double>(m[c * st]) == -std::numeric_limits<double>::infinity())) return true;
+    }
+    return false;
+  };
+  switch (p.mask_dtype) {
+    case DType::kBool: {
+      const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+      for (int64_t c = 0; c < end; ++c) {
+        if (m[c * st]) return true;
+      }
+      return false;
+    }
+    case DType::kFloat32: return any_finite(static_cast<const float*>(p.mask) + off);
+    case DType::kFloat64: return any_finite(static_cast<const double*>(p.mask) + off);
+    case DType::kBFloat16: return any_finite(static_cast<const c10::BFloat16*>(p.mask) + off);
+    case DType::kFloat16: return any_finite(static_cast<const c10::Half*>(p.mask) + off);
+  }
+  return true;
 }
 
 template <typename acc_t>
@@ -207,6 +252,20 @@ void scale_row(acc_t* x, int64_t cols, acc_t factor) {
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* src, scalar_t* dst, int64_t cols, acc_t factor) {
   for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(src[c] * factor);
+}
+
+// scale q k^T for a (rows x cols) tile of leading dimension ld. The BLAS may not propagate a NaN
+// or Inf alpha (one tested did not), so a non-finite scale multiplies the scores afterwards,
+// giving what torch's composite gives.
+template <typename acc_t>
+void scaled_scores(int64_t rows, int64_t cols, int64_t E, acc_t scale, const acc_t* q, int64_t ldq,
+                   const acc_t* k, int64_t ldk, acc_t* scores, int64_t ld) {
+  const bool finite = std::isfinite(scale);
+  gemm<acc_t>(false, true, rows, cols, E, finite ? scale : acc_t(1), q, ldq, k, ldk, acc_t(0),
+              scores, ld);
+  if (!finite) {
+    for (int64_t r = 0; r < rows; ++r) scale_row(scores + r * ld, cols, scale);
+  }
 }
 
 // Keys query row block [i0, i0 + rows) may see: all S, or 0..i_max under causal.
@@ -257,13 +316,12 @@ void attention_fwd_impl(const AttentionParams& p) {
         const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
         if (block_mask.all_masked()) continue;
         const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk);
-        gemm<acc_t>(false, true, rows, cols, E, static_cast<acc_t>(p.scale), q, ldq, k, ldk,
-                    acc_t(0), scores.data(), bk);
+        scaled_scores(rows, cols, E, static_cast<acc_t>(p.scale), q, ldq, k, ldk, scores.data(), bk);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           acc_t* s = scores.data() + r * bk;
           block_mask.apply(i, s);
-          const acc_t new_max = std::max(m[r], row_max(s, cols));
+          const acc_t new_max = nan_max(m[r], row_max(s, cols));
           if (new_max == neg_inf<acc_t>()) {  // nothing allowed in this row so far
             std::fill(s, s + cols, acc_t(0));
             continue;
@@ -285,12 +343,22 @@ void attention_fwd_impl(const AttentionParams& p) {
       }
 
       scalar_t* o = out_all + n * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-      float* lse = p.lse + (n * H + h) * L + i0;
+      acc_t* lse = static_cast<acc_t*>(p.lse) + (n * H + h) * L + i0;
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = !(l[r] > acc_t(0));
-        store_row(acc.data() + r * Ev, o + r * p.out_stride[2], Ev,
-                  empty ? acc_t(0) : acc_t(1) / l[r]);
-        lse[r] = empty ? neg_inf<float>() : static_cast<float>(m[r] + std::log(l[r]));
+        // A sum that is not positive is 0 (no allowed key, or all allowed scores -inf) or NaN.
+        const bool live = l[r] > acc_t(0);
+        const bool empty = !live && !row_has_key(p, n, h, i0 + r);
+        // A live row with sum 0 or NaN gets 0 / 0 or NaN, and lse = NaN so its gradients are NaN.
+        // An empty row is written as zeros: its accumulator may hold NaN (a NaN score plus an
+        // additive -inf mask is NaN).
+        scalar_t* orow = o + r * p.out_stride[2];
+        if (empty) {
+          std::fill(orow, orow + Ev, scalar_t(0));
+        } else {
+          store_row(acc.data() + r * Ev, orow, Ev, acc_t(1) / l[r]);
+        }
+        lse[r] = empty ? neg_inf<acc_t>()
+                       : live ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::quiet_NaN();
       }
     }
   });
@@ -311,6 +379,10 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = static_cast<acc_t>(dropout_scale(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
+  // bf16/fp16 at tiny value head dims: delta from an extra pass over the key blocks (see below).
+  // It costs the QK^T and dO V^T products once more, cheap only where the head dims are small.
+  constexpr int64_t kExactDeltaMaxEv = 16;
+  const bool exact_delta = !std::is_same_v<scalar_t, acc_t> && Ev <= kExactDeltaMaxEv;
   const auto* q_all = static_cast<const scalar_t*>(p.q);
   const auto* k_all = static_cast<const scalar_t*>(p.k);
   const auto* v_all = static_cast<const scalar_t*>(p.v);
@@ -324,7 +396,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
   // same memory and the result does not depend on the thread count.
   at::parallel_for(0, p.batch * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dk_acc(S * E), dv_acc(S * Ev), dq_acc(bq * E), delta(bq);
-    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0), mask_buf(bk);
+    std::vector<acc_t> probs(bq * bk), dprobs(bq * bk), factors(dropout ? bq * bk : 0), mask_buf(bk), nan_row(bk);
     std::vector<acc_t> q_buf(bq * E), do_buf(bq * Ev), o_row(Ev), k_buf(bk * E), v_buf(bk * Ev);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % Hkv, n = task / Hkv;
@@ -342,10 +414,47 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
           const acc_t* dout = tile(
               do_all + n * p.grad_out_stride[0] + h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2],
               p.grad_out_stride[2], rows, Ev, do_buf.data(), &ldo);
-          const float* lse = p.lse + (n * H + h) * L + i0;
+          const acc_t* lse = static_cast<const acc_t*>(p.lse) + (n * H + h) * L + i0;
           // delta = rowsum(dO * O): the softmax backward's correction term.
+          if (exact_delta) {
+            // As rowsum(P_drop * dP) over the very dP tiles the main pass recomputes, not from the
+            // output rounded to bf16/fp16: dS = P * (dP - delta) cancels, and at tiny head dims
+            // the rounding of O (and a different summation order) dominated dq/dk, up to 80x the
+            // error of torch's math backend, which computes delta this way in fp32.
+            std::fill(delta.begin(), delta.end(), acc_t(0));
+            const int64_t kv_stop = kv_limit(p, i0, rows);
+            for (int64_t j0 = 0; j0 < kv_stop; j0 += bk) {
+              const int64_t cols = std::min(bk, kv_stop - j0);
+              const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
+              if (block_mask.all_masked()) continue;
+              int64_t ldk2, ldv2;
+              const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk2);
+              const acc_t* v = tile(v_nh + j0 * p.v_stride[2], p.v_stride[2], cols, Ev, v_buf.data(), &ldv2);
+              scaled_scores(rows, cols, E, scale, q, ldq, k, ldk2, probs.data(), bk);
+              for (int64_t r = 0; r < rows; ++r) {
+                acc_t* s = probs.data() + r * bk;
+                if (!(lse[r] > neg_inf<acc_t>())) {  // fully masked (0) or NaN row (NaN)
+                  std::fill(s, s + cols, lse[r] == neg_inf<acc_t>() ? acc_t(0) : lse[r]);
+                  continue;
+                }
+                block_mask.apply(i0 + r, s);
+                exp_shift_sum(s, cols, lse[r]);
+                if (dropout) {
+                  const uint64_t idx0 = static_cast<uint64_t>(((n * H + h) * L + i0 + r) * S + j0);
+                  acc_t* f = factors.data() + r * bk;
+                  dropout_factors(p.rng, threshold, keep_scale, idx0, cols, f);
+                  at::vec::map2([](auto x, auto y) { return x * y; }, s, s, f, cols);
+                }
+              }
+              gemm<acc_t>(false, true, rows, cols, Ev, acc_t(1), dout, ldo, v, ldv2, acc_t(0),
+                          dprobs.data(), bk);
+              for (int64_t r = 0; r < rows; ++r) {
+                delta[r] += detail::dot(probs.data() + r * bk, dprobs.data() + r * bk, cols);
+              }
+            }
+          }
           const scalar_t* o_blk = o_all + n * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-          for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t r = 0; r < rows && !exact_delta; ++r) {
             const scalar_t* orow = o_blk + r * p.out_stride[2];
             if constexpr (std::is_same_v<scalar_t, acc_t>) {
               std::copy(orow, orow + Ev, o_row.data());
@@ -364,16 +473,26 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
             const acc_t* k = tile(k_nh + j0 * p.k_stride[2], p.k_stride[2], cols, E, k_buf.data(), &ldk);
             const acc_t* v = tile(v_nh + j0 * p.v_stride[2], p.v_stride[2], cols, Ev, v_buf.data(), &ldv);
             // P = exp(scale q k^T + mask - lse): the forward's probabilities, recomputed.
-            gemm<acc_t>(false, true, rows, cols, E, scale, q, ldq, k, ldk, acc_t(0), probs.data(), bk);
+            scaled_scores(rows, cols, E, scale, q, ldq, k, ldk, probs.data(), bk);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* s = probs.data() + r * bk;
-              const float row_lse = lse[r];
-              if (row_lse == neg_inf<float>()) {  // fully masked row: no gradient anywhere
+              const acc_t row_lse = lse[r];
+              // -inf only for rows the mask leaves no key (the forward's rule): no gradient.
+              if (row_lse == neg_inf<acc_t>()) {
                 std::fill(s, s + cols, acc_t(0));
                 continue;
               }
+              if (row_lse != row_lse) {
+                // A NaN row (NaN or Inf in its scores): P is NaN, except that keys the mask
+                // disallows keep P = 0 and get no gradient (exp(-inf - NaN) would be NaN). The
+                // mask alone decides which: applied to zeros, it gives -inf exactly there.
+                std::fill(nan_row.begin(), nan_row.begin() + cols, acc_t(0));
+                block_mask.apply(i0 + r, nan_row.data());
+                for (int64_t c = 0; c < cols; ++c) s[c] = nan_row[c] == neg_inf<acc_t>() ? acc_t(0) : row_lse;
+                continue;
+              }
               block_mask.apply(i0 + r, s);
-              exp_shift_sum(s, cols, static_cast<acc_t>(row_lse));
+              exp_shift_sum(s, cols, row_lse);
             }
             // dV += P_drop^T dO, with P_drop the probabilities the forward multiplied V by.
             const acc_t* p_used = probs.data();
@@ -396,15 +515,20 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
               acc_t* dp = dprobs.data() + r * bk;
               const acc_t* pr = probs.data() + r * bk;
               const acc_t d = delta[r];
+              // A masked key (P = 0) gets no gradient, even when dP - delta is NaN (a NaN elsewhere
+              // in the row): 0 * NaN would spread the NaN to every key's gradient.
               if (dropout) {
                 const acc_t* f = factors.data() + r * bk;
-                for (int64_t c = 0; c < cols; ++c) dp[c] = pr[c] * (dp[c] * f[c] - d);
+                for (int64_t c = 0; c < cols; ++c) dp[c] = pr[c] == acc_t(0) ? acc_t(0) : pr[c] * (dp[c] * f[c] - d);
               } else {
-                at::vec::map2([d](auto x, auto y) { return y * (x - decltype(x)(d)); }, dp, dp, pr, cols);
+                at::vec::map2([d](auto x, auto y) {
+                  using V = decltype(x);
+                  return V::blendv(y * (x - V(d)), V(0), y == V(0));
+                }, dp, dp, pr, cols);
               }
               if (p.dmask != nullptr) {
-                float* dm = p.dmask + ((n * H + h) * L + i0 + r) * S + j0;
-                for (int64_t c = 0; c < cols; ++c) dm[c] = static_cast<float>(dp[c]);
+                acc_t* dm = static_cast<acc_t*>(p.dmask) + ((n * H + h) * L + i0 + r) * S + j0;
+                std::copy(dp, dp + cols, dm);
               }
             }
             gemm<acc_t>(false, false, rows, E, cols, scale, dprobs.data(), bk, k, ldk, acc_t(1),
@@ -414,7 +538,14 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
           }
           scalar_t* dq = dq_all + n * p.dq_stride[0] + h * p.dq_stride[1] + i0 * p.dq_stride[2];
           for (int64_t r = 0; r < rows; ++r) {
-            store_row(dq_acc.data() + r * E, dq + r * p.dq_stride[2], E, acc_t(1));
+            // A fully masked row's dS is 0, but 0 times a NaN or Inf key is NaN in the GEMM: its
+            // gradient is 0 by definition, so it is written as such.
+            scalar_t* dqrow = dq + r * p.dq_stride[2];
+            if (lse[r] == neg_inf<acc_t>()) {
+              std::fill(dqrow, dqrow + E, scalar_t(0));
+            } else {
+              store_row(dq_acc.data() + r * E, dqrow, E, acc_t(1));
+            }
           }
         }
       }

@@ -5,7 +5,7 @@
 // one row, so a few long rows still spread over all threads.
 //
 // Activations (v = input + bias):
-//   relu       max(v, 0)                               relu'  = [v > 0]
+//   relu       max(v, 0)                               relu'  = [not v <= 0]
 //   gelu       v * Phi(v), Phi(v) = (1 + erf(v/sqrt2))/2  gelu'  = Phi(v) + v * phi(v)
 //   gelu_tanh  0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3)
 //              computed as v * sigmoid(2u) = v / (1 + exp(-2u)), the same function without the
@@ -17,6 +17,7 @@
 // scaled by dropout_scale(p), so the CUDA kernels draw the same mask and the backward regenerates it.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "dispatch.h"
@@ -169,24 +170,35 @@ struct Act {
       // v / (1 + exp(-2u)), -2u = v * (c0 + c1 v^2)
       const V v2 = v * v;
       const V neg2u = v * at::vec::fmadd(v2, V(Acc(-2 * kSqrt2OverPi * kCubic)), V(Acc(-2 * kSqrt2OverPi)));
-      return v / (V(Acc(1)) + detail::exp_fast(neg2u));
+      // exp_fast saturates at e^88, so v = -inf would give -inf; torch's 0.5 v (1 + tanh(u)) is
+      // -inf * 0 = NaN there.
+      const V ninf(-std::numeric_limits<Acc>::infinity());
+      return V::blendv(v / (V(Acc(1)) + detail::exp_fast(neg2u)),
+                       V(std::numeric_limits<Acc>::quiet_NaN()), v == ninf);
     }
   }
   // d act / dv
   static inline V grad(const V& v) {
     if constexpr (A == Activation::kRelu) {
-      return V::blendv(V(Acc(0)), V(Acc(1)), v > V(Acc(0)));
+      // [not v <= 0], as torch's threshold_backward: a NaN input passes its gradient through.
+      return V::blendv(V(Acc(1)), V(Acc(0)), v <= V(Acc(0)));
     } else if constexpr (A == Activation::kGelu) {
       const V cdf = V(Acc(0.5)) * (V(Acc(1)) + detail::erf_fast(v * V(Acc(kSqrt1_2))));
       const V pdf = detail::exp_fast(v * v * V(Acc(-0.5))) * V(Acc(kInvSqrt2Pi));
-      return at::vec::fmadd(v, pdf, cdf);
+      // + (v - v): NaN at v = +-inf, where torch's cdf + v * pdf is inf * 0 (exp_fast saturates,
+      // so it would be inf here).
+      return at::vec::fmadd(v, pdf, cdf) + (v - v);
     } else {
-      const V v2 = v * v;
-      const V neg2u = v * at::vec::fmadd(v2, V(Acc(-2 * kSqrt2OverPi * kCubic)), V(Acc(-2 * kSqrt2OverPi)));
+      // Beyond |v| = 20 the derivative is 1 or 0 to the type's precision; clamping (which keeps
+      // NaN) stops v^2 overflowing to a 0 * inf = NaN for huge fp32 inputs. + (v - v) below keeps
+      // torch's NaN at v = +-inf.
+      const V vc = at::vec::clamp(v, V(Acc(-20)), V(Acc(20)));
+      const V v2 = vc * vc;
+      const V neg2u = vc * at::vec::fmadd(v2, V(Acc(-2 * kSqrt2OverPi * kCubic)), V(Acc(-2 * kSqrt2OverPi)));
       const V s = V(Acc(1)) / (V(Acc(1)) + detail::exp_fast(neg2u));
       // 2u' = 2 sqrt(2/pi) (1 + 3 c v^2)
       const V du2 = at::vec::fmadd(v2, V(Acc(6 * kSqrt2OverPi * kCubic)), V(Acc(2 * kSqrt2OverPi)));
-      return at::vec::fmadd(v * s * (V(Acc(1)) - s), du2, s);
+      return at::vec::fmadd(vc * s * (V(Acc(1)) - s), du2, s) + (v - v);
     }
   }
 };
@@ -195,25 +207,28 @@ struct Dropout {
   bool active = false;
   bool drop_all = false;
   uint32_t threshold = 0;
-  float scale = 1.0f;
+  float scale = 1.0f;    // of the fp32 multipliers
+  double scale64 = 1.0;  // fp64 applies this one, so its outputs carry no fp32 rounding
   explicit Dropout(const BiasActParams& p) {
     active = p.dropout_p > 0.0f;
     drop_all = p.dropout_p >= 1.0f;
     threshold = dropout_threshold(static_cast<double>(p.dropout_p));
-    scale = dropout_scale(static_cast<double>(p.dropout_p));
+    scale64 = dropout_scale(static_cast<double>(p.dropout_p));
+    scale = static_cast<float>(scale64);
   }
 };
 
 // Loads kSize dropout multipliers starting at m[c] into accumulator vectors.
 template <typename Acc>
-inline void load_mask(const float* m, at::vec::Vectorized<Acc>& a, at::vec::Vectorized<Acc>& b) {
+inline void load_mask(const float* m, const Dropout& drop, at::vec::Vectorized<Acc>& a,
+                      at::vec::Vectorized<Acc>& b) {
   using V = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<Acc, float>) {
     a = V::loadu(m);
     b = V::loadu(m + V::size());
   } else {
     alignas(64) Acc tmp[2 * V::size()];
-    for (int64_t i = 0; i < 2 * V::size(); ++i) tmp[i] = m[i];
+    for (int64_t i = 0; i < 2 * V::size(); ++i) tmp[i] = m[i] != 0.0f ? static_cast<Acc>(drop.scale64) : Acc(0);
     a = V::loadu(tmp);
     b = V::loadu(tmp + V::size());
   }
@@ -276,7 +291,7 @@ void bias_act_fwd_impl(const BiasActParams& p) {
       a = Act<Acc, A>::fwd(a + AVec::loadu(bias + c));
       b = Act<Acc, A>::fwd(b + AVec::loadu(bias + c + L));
       if (drop.active) {
-        load_mask<Acc>(mask + (c - c0), ma, mb);  // mask has kTile entries; read only n are used
+        load_mask<Acc>(mask + (c - c0), drop, ma, mb);  // mask has kTile entries; read only n are used
         a = a * ma;
         b = b * mb;
       }
@@ -304,7 +319,7 @@ void bias_act_bwd_impl(const BiasActBwdParams& p) {
     for_each_tile(rows, cols, [&](int64_t r, int64_t c0, int64_t c1) {
       std::memset(static_cast<void*>(grad_input + r * cols + c0), 0, sizeof(T) * (c1 - c0));
     });
-    if (p.grad_bias) std::fill(p.grad_bias, p.grad_bias + cols, 0.0f);
+    if (p.grad_bias) std::fill(static_cast<Acc*>(p.grad_bias), static_cast<Acc*>(p.grad_bias) + cols, Acc(0));
     return;
   }
   const auto bias_v = detail::column_param<Acc>(p.bias, cols, padded, Acc(0));
@@ -337,7 +352,7 @@ void bias_act_bwd_impl(const BiasActBwdParams& p) {
       a = ga * Act<Acc, A>::grad(a + AVec::loadu(bias + c));
       b = gb * Act<Acc, A>::grad(b + AVec::loadu(bias + c + L));
       if (drop.active) {
-        load_mask<Acc>(mask + (c - c0), ma, mb);
+        load_mask<Acc>(mask + (c - c0), drop, ma, mb);
         a = a * ma;
         b = b * mb;
       }

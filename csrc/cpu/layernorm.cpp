@@ -12,6 +12,7 @@
 // xhat recomputed from input, mean and rstd. grad_weight / grad_bias are column sums reduced
 // deterministically (see RowBlocks in vec_io.h).
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "dispatch.h"
@@ -26,34 +27,6 @@ using detail::hsum;
 
 // Rows per parallel task: at least ~16K elements so a task is worth waking a thread for.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)); }
-
-// Mean of a row as the forward computes it: the sum of (x - k) with k = x[0] (shifting by a sample
-// of the row keeps the fp32 sum small when |mean| >> std), in blocks of two vectors, padding lanes
-// masked. The fp64 backward recomputes the mean with this same function and order.
-template <typename T>
-typename Block<T>::Acc row_mean(const T* x, int64_t n) {
-  using B = Block<T>;
-  using Acc = typename B::Acc;
-  using AVec = typename B::AVec;
-  const Acc k = static_cast<Acc>(x[0]);
-  const AVec kv(k);
-  AVec s0(0), s1(0), a, b;
-  int64_t c = 0;
-  for (; c + B::kSize <= n; c += B::kSize) {
-    B::load(x + c, a, b);
-    s0 = s0 + (a - kv);
-    s1 = s1 + (b - kv);
-  }
-  if (c < n) {
-    B::load(x + c, n - c, a, b);
-    a = a - kv;
-    b = b - kv;
-    B::keep_first(n - c, a, b);
-    s0 = s0 + a;
-    s1 = s1 + b;
-  }
-  return k + hsum(s0 + s1) / static_cast<Acc>(n);
-}
 
 template <typename T>
 void layer_norm_fwd_impl(const LayerNormParams& p) {
@@ -96,10 +69,10 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
     const T* ahead_res = has_res ? res + 2 * p.residual_row_stride : nullptr;
 
     // Pass over memory: s = x (+ residual), written to residual_out; s - k, with k = s[0], to the
-    // row buffer and to the sum (see row_mean, which must match this order for fp64).
-    // Any value near the row's works as k; it need not be the rounded s[0].
+    // row buffer and to the sum. k is s[0] rounded to T as s is: a row that is constant after
+    // rounding then has s - k = 0 exactly and normalizes to exactly the bias, as in torch.
     Acc k = static_cast<Acc>(x[0]);
-    if constexpr (has_res) k += static_cast<Acc>(res[0]);
+    if constexpr (has_res) k = static_cast<Acc>(static_cast<T>(k + static_cast<Acc>(res[0])));
     const AVec kv(k);
     AVec s0(0), s1(0), q0(0), q1(0), a, b;
     auto load_sum = [&](int64_t c, int64_t n) {  // n == K: a full block
@@ -172,7 +145,23 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       }
       var = hsum(q0 + q1) * inv_n;
     }
-    const Acc rstd = Acc(1) / std::sqrt(var + eps);
+    Acc rstd;
+    if (std::isinf(var)) {
+      // The sum of squares overflowed. If the variance itself fits the type (fp32 values near
+      // 1e18), recompute it in fp64 from the hot buffer; if it does not, rstd = 1/sqrt(inf) = 0
+      // would turn the row into a finite 0: NaN instead (torch gives NaN, not a number).
+      double q = 0.0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const double d = static_cast<double>(buf[j]) - static_cast<double>(shifted_mean);
+        q += d * d;
+      }
+      const double var64 = q / static_cast<double>(cols);
+      rstd = var64 <= static_cast<double>(std::numeric_limits<Acc>::max())
+                 ? static_cast<Acc>(1.0 / std::sqrt(var64 + static_cast<double>(eps)))
+                 : std::numeric_limits<Acc>::quiet_NaN();
+    } else {
+      rstd = Acc(1) / std::sqrt(var + eps);
+    }
 
     // out = (s - mean) * rstd * w + b = ((s - k) * rstd - shifted_mean * rstd) * w + b: two FMAs.
     const AVec rs(rstd), nmrs(-shifted_mean * rstd);
@@ -198,8 +187,8 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
       normalized(c);
       B::store(y + c, tail, a, b);
     }
-    p.mean[r] = static_cast<float>(mean);
-    p.rstd[r] = static_cast<float>(rstd);
+    static_cast<Acc*>(p.mean)[r] = mean;
+    static_cast<Acc*>(p.rstd)[r] = rstd;
   };
 
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
@@ -234,7 +223,6 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
   const T* grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* input = static_cast<const T*>(p.input);
   const T* residual = static_cast<const T*>(p.residual);
-  TORCH_CHECK(!(residual && std::is_same_v<T, double>), "tx_kernels: fp64 LayerNorm backward takes the sum");
   T* grad_input = static_cast<T*>(p.grad_input);
   const bool want_gw = p.grad_weight != nullptr, want_gb = p.grad_bias != nullptr;
   const bool stream = detail::use_streaming_stores(rows * cols * int64_t(sizeof(T)));
@@ -248,11 +236,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
       const T* xr = residual ? residual + r * cols : nullptr;
       T* dx = grad_input + r * cols;
       const bool nt = stream && detail::aligned32(dx);
-      // fp64: recompute the mean in fp64 (the saved one is fp32), exactly as the forward did, so
-      // xhat is as precise as the forward's; rstd only scales the result, its fp32 rounding is
-      // harmless.
-      const Acc mean = std::is_same_v<T, double> ? row_mean(x, cols) : static_cast<Acc>(p.mean[r]);
-      const AVec m(mean), rs(static_cast<Acc>(p.rstd[r]));
+      const AVec m(static_cast<const Acc*>(p.mean)[r]), rs(static_cast<const Acc*>(p.rstd)[r]);
       AVec sa0(0), sa1(0), sx0(0), sx1(0), g0, g1, x0, x1;
       for (int64_t c = 0; c < padded; c += K) {
         if (c < full) {

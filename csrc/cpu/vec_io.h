@@ -233,14 +233,15 @@ class CacheAligned {
   std::unique_ptr<T, Free> data_;
 };
 
-// An fp32 per-column parameter (weight or bias) in the accumulator type, padded with zeros to a
+// A per-column parameter (weight or bias; params.h passes it in the accumulator type), padded to a
 // whole number of blocks: the kernels can then read full blocks at a row's tail. A missing
 // parameter reads as `fill` (1 for a weight, 0 for a bias).
 template <typename Acc>
-CacheAligned<Acc> column_param(const float* p, int64_t cols, int64_t padded, Acc fill) {
+CacheAligned<Acc> column_param(const void* param, int64_t cols, int64_t padded, Acc fill) {
   CacheAligned<Acc> out(padded);
   Acc* o = out.data();
-  for (int64_t c = 0; c < cols; ++c) o[c] = p ? static_cast<Acc>(p[c]) : fill;
+  const Acc* p = static_cast<const Acc*>(param);  // parameters come in the accumulator type
+  for (int64_t c = 0; c < cols; ++c) o[c] = p ? p[c] : fill;
   return out;
 }
 
@@ -268,8 +269,9 @@ struct RowBlocks {
 // out[c] = sum over blocks b (in order) of partial[b * stride + c], for c < cols; parallel over
 // columns (each column's sum order is fixed).
 template <typename Acc>
-void combine_partials(const Acc* partial, int64_t blocks, int64_t stride, int64_t cols, float* out) {
-  if (out == nullptr) return;
+void combine_partials(const Acc* partial, int64_t blocks, int64_t stride, int64_t cols, void* out_param) {
+  if (out_param == nullptr) return;
+  Acc* out = static_cast<Acc*>(out_param);  // parameter gradients come in the accumulator type
   constexpr int64_t kChunk = 1024;
   at::parallel_for(0, (cols + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
     Acc acc[kChunk];
@@ -280,7 +282,7 @@ void combine_partials(const Acc* partial, int64_t blocks, int64_t stride, int64_
         const Acc* src = partial + b * stride + c0;
         for (int64_t j = 0; j < n; ++j) acc[j] += src[j];
       }
-      for (int64_t j = 0; j < n; ++j) out[c0 + j] = static_cast<float>(acc[j]);
+      for (int64_t j = 0; j < n; ++j) out[c0 + j] = acc[j];
     }
   });
 }

@@ -61,11 +61,15 @@ class Scope {
   std::vector<txemu::Buffer> buffers_;
 };
 
+// The statistics type of params.h: logsumexp, mask gradient, LayerNorm parameters and statistics,
+// bias-act bias are fp64 for fp64 data, fp32 otherwise.
+DType stats_type(DType data) { return data == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
 size_t out_bytes(const AttentionParams& p) {
   return extent(p.dtype, {p.batch, p.heads, p.q_len}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim);
 }
 size_t lse_bytes(const AttentionParams& p) {
-  return extent(DType::kFloat32, {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len);
+  return extent(stats_type(p.dtype), {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len);
 }
 
 void add_attention_inputs(Scope& s, const AttentionParams& p) {
@@ -104,7 +108,7 @@ int attention_bwd(const AttentionBwdParams& p, size_t workspace_bytes, const Dev
   s.output(p.dk, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
   s.output(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
   // dmask arrives zero-filled from the binding (entries of skipped tiles are never written).
-  s.add(p.dmask, extent(DType::kFloat32, {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
+  s.add(p.dmask, extent(stats_type(t), {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
   s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return attention_bwd_cuda(p, nullptr); });
 }
@@ -115,15 +119,15 @@ size_t rows_bytes(DType t, int64_t rows, int64_t row_stride, int64_t cols) {
 
 int layer_norm_fwd(const LayerNormParams& p, const Device& d) {
   Scope s(d);
-  const DType t = p.dtype;
+  const DType t = p.dtype, st = stats_type(t);
   s.add(p.input, rows_bytes(t, p.rows, p.input_row_stride, p.cols), "input");
   s.add(p.residual, rows_bytes(t, p.rows, p.residual_row_stride, p.cols), "residual");
-  s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
-  s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
+  s.add(p.weight, rows_bytes(st, 1, 0, p.cols), "weight");
+  s.add(p.bias, rows_bytes(st, 1, 0, p.cols), "bias");
   s.output(p.out, rows_bytes(t, p.rows, p.cols, p.cols), "out");
   s.output(p.residual_out, rows_bytes(t, p.rows, p.cols, p.cols), "residual_out");
-  s.output(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
-  s.output(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
+  s.output(p.mean, rows_bytes(st, 1, 0, p.rows), "mean");
+  s.output(p.rstd, rows_bytes(st, 1, 0, p.rows), "rstd");
   return s.run([&] { return layer_norm_fwd_cuda(p, nullptr); });
 }
 
@@ -133,25 +137,25 @@ size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) 
 
 int layer_norm_bwd(const LayerNormBwdParams& p, size_t workspace_bytes, const Device& d) {
   Scope s(d);
-  const DType t = p.dtype;
+  const DType t = p.dtype, st = stats_type(t);
   const size_t matrix = rows_bytes(t, p.rows, p.cols, p.cols);
   s.add(p.grad_out, matrix, "grad_out");
   s.add(p.grad_residual_out, matrix, "grad_residual_out");
   s.add(p.input, matrix, "input");
   s.add(p.residual, matrix, "residual");
-  s.add(p.mean, rows_bytes(DType::kFloat32, 1, 0, p.rows), "mean");
-  s.add(p.rstd, rows_bytes(DType::kFloat32, 1, 0, p.rows), "rstd");
-  s.add(p.weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "weight");
+  s.add(p.mean, rows_bytes(st, 1, 0, p.rows), "mean");
+  s.add(p.rstd, rows_bytes(st, 1, 0, p.rows), "rstd");
+  s.add(p.weight, rows_bytes(st, 1, 0, p.cols), "weight");
   s.output(p.grad_input, matrix, "grad_input");
-  s.output(p.grad_weight, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_weight");
-  s.output(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.output(p.grad_weight, rows_bytes(st, 1, 0, p.cols), "grad_weight");
+  s.output(p.grad_bias, rows_bytes(st, 1, 0, p.cols), "grad_bias");
   s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return layer_norm_bwd_cuda(p, d.num_sms, nullptr); });
 }
 
 void add_bias_act_inputs(Scope& s, const BiasActParams& p) {
   s.add(p.input, rows_bytes(p.dtype, p.rows, p.input_row_stride, p.cols), "input");
-  s.add(p.bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "bias");
+  s.add(p.bias, rows_bytes(stats_type(p.dtype), 1, 0, p.cols), "bias");
 }
 
 int bias_act_fwd(const BiasActParams& p, const Device& d) {
@@ -171,7 +175,7 @@ int bias_act_bwd(const BiasActBwdParams& p, size_t workspace_bytes, const Device
   const size_t matrix = rows_bytes(p.dtype, p.rows, p.cols, p.cols);
   s.add(p.grad_out, matrix, "grad_out");
   s.output(p.grad_input, matrix, "grad_input");
-  s.output(p.grad_bias, rows_bytes(DType::kFloat32, 1, 0, p.cols), "grad_bias");
+  s.output(p.grad_bias, rows_bytes(stats_type(p.dtype), 1, 0, p.cols), "grad_bias");
   s.output(p.workspace, workspace_bytes, "workspace");
   return s.run([&] { return bias_act_bwd_cuda(p, d.num_sms, nullptr); });
 }

@@ -100,7 +100,7 @@ struct BwdArgs {
   void* dq;
   void* dk;
   void* dv;
-  float* dmask;     // (N, H, L, S) fp32 contiguous or nullptr
+  float* dmask;     // (N, H, L, S) contiguous or nullptr; fp64 for fp64 inputs (see as_acc)
   void* dsum;       // (N, H, L) Acc, workspace
   float* dq_accum;  // (N, H, L, E) fp32, workspace; nullptr: no atomics (deterministic / general)
   int64_t N, H, Hkv, L, S, E, Ev;
@@ -847,14 +847,14 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
       const int64_t i = i0 + lane;
       Acc p = Acc(0), ds = Acc(0);
       if (i < L) {
-        const float lse = a.lse[bh * L + i];
-        if (lse != -__builtin_huge_valf()) {
+        const Acc lse = as_acc<Acc>(a.lse)[bh * L + i];
+        if (lse != -inf) {
           const T* qi = qh + i * a.q_stride[2];
           Acc dot = Acc(0);
           for (int64_t c = 0; c < E; ++c) dot += cvt<Acc>(qi[c]) * sk[c];
           Acc sc = dot * scale;
           if (a.mask_kind != 0) sc += mask_bias<Acc>(a, n, h, i, j);
-          p = sc == -inf ? Acc(0) : exp_acc(sc - static_cast<Acc>(lse));
+          p = sc == -inf ? Acc(0) : exp_acc(sc - lse);
           const T* doi = doh + i * a.do_stride[2];
           Acc dp = Acc(0);
           for (int64_t c = 0; c < Ev; ++c) dp += cvt<Acc>(doi[c]) * sv[c];
@@ -935,13 +935,13 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const B
   for (int64_t c = lane; c < E; c += 32) sq[c] = cvt<Acc>(qi[c]);
   for (int64_t c = lane; c < Ev; c += 32) sdo[c] = cvt<Acc>(doi[c]);
   __syncwarp();
-  const float lse_f = a.lse[row];
+  const Acc lse = as_acc<Acc>(a.lse)[row];
   Acc acc = Acc(0);
-  if (lse_f != -__builtin_huge_valf()) {  // a fully masked row keeps D = 0
+  if (lse != -static_cast<Acc>(__builtin_huge_valf())) {  // a fully masked row keeps D = 0
     const int64_t j_end = a.causal ? (i + 1 < S ? i + 1 : S) : S;
     for (int64_t j = lane; j < j_end; j += 32) {
       Acc p, dpz;
-      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, static_cast<Acc>(lse_f), p, dpz);
+      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
       acc += p * dpz;
     }
   }
@@ -975,9 +975,8 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
   }
   for (int64_t c = lane; c < Ev; c += 32) sdo[c] = cvt<Acc>(doi[c]);
   __syncwarp();
-  const float lse_f = a.lse[row];
-  const bool live = lse_f != -__builtin_huge_valf();  // a fully masked row has zero gradients
-  const Acc lse = static_cast<Acc>(lse_f);
+  const Acc lse = as_acc<Acc>(a.lse)[row];
+  const bool live = lse != -static_cast<Acc>(__builtin_huge_valf());  // a fully masked row has zero gradients
   const Acc dsum = reinterpret_cast<const Acc*>(a.dsum)[row];
 
   const int64_t j_end = a.causal ? (i + 1 < S ? i + 1 : S) : S;
@@ -989,7 +988,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
       general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
       ds = p * (dpz - dsum);
     }
-    if (a.dmask != nullptr && j < j_end) a.dmask[row * S + j] = static_cast<float>(ds);
+    if (a.dmask != nullptr && j < j_end) as_acc<Acc>(a.dmask)[row * S + j] = ds;
     sds[lane] = ds;
     __syncwarp();
     const int cnt = static_cast<int>(j_end - j0 < 32 ? j_end - j0 : 32);
@@ -1077,11 +1076,11 @@ BwdArgs make_args(const AttentionBwdParams& p) {
   a.v = p.v;
   a.out = p.out;
   a.dout = p.grad_out;
-  a.lse = p.lse;
+  a.lse = static_cast<const float*>(p.lse);  // fp64 for fp64 inputs (read through as_acc)
   a.dq = p.dq;
   a.dk = p.dk;
   a.dv = p.dv;
-  a.dmask = p.dmask;
+  a.dmask = static_cast<float*>(p.dmask);  // fp64 for fp64 inputs (written through as_acc)
   a.dsum = p.workspace;
   a.dq_accum = nullptr;
   a.N = p.batch;

@@ -675,8 +675,8 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const FwdArg
   const Acc inv = l > Acc(0) ? Acc(1) / l : Acc(0);
   for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(sacc[c] * inv);
   if (lane == 0) {
-    a.lse[row] = l > Acc(0) ? static_cast<float>(m * Acc(0.69314718055994530941723212145818) + fast_log(l))
-                            : -__builtin_huge_valf();
+    as_acc<Acc>(a.lse)[row] = l > Acc(0) ? m * Acc(0.69314718055994530941723212145818) + fast_log(l)
+                                         : -static_cast<Acc>(__builtin_huge_valf());
   }
 }
 
@@ -783,7 +783,7 @@ FwdArgs make_args(const AttentionParams& p) {
   a.k = p.k;
   a.v = p.v;
   a.out = p.out;
-  a.lse = p.lse;
+  a.lse = static_cast<float*>(p.lse);  // fp64 for fp64 inputs (read through as_acc)
   a.N = p.batch;
   a.H = p.heads;
   a.L = p.q_len;

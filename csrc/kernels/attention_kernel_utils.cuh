@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -197,6 +198,17 @@ __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 __device__ __forceinline__ float fast_log(float x) { return logf(x); }
 __device__ __forceinline__ double fast_log(double x) { return log(x); }
+
+// lse and dmask hold Acc values (params.h: fp64 for fp64 inputs). The argument structs keep the
+// float pointers the fp32-accumulating kernels use; the general kernels read them through this.
+template <typename Acc, typename P>
+__device__ __forceinline__ auto as_acc(P* ptr) {
+  if constexpr (std::is_const_v<P>) {
+    return reinterpret_cast<const Acc*>(ptr);
+  } else {
+    return reinterpret_cast<Acc*>(ptr);
+  }
+}
 
 }  // namespace attn
 }  // namespace tx_kernels

@@ -128,7 +128,7 @@ bias_act_fwd_kernel(const BiasActParams p, bool dropout, uint32_t threshold, flo
   const T* __restrict__ input = static_cast<const T*>(p.input);
   T* __restrict__ out = static_cast<T*>(p.out);
   float b[VEC];
-  load_bias<VEC>(p.bias, cc, b);
+  load_bias<VEC>(static_cast<const float*>(p.bias), cc, b);
   const int64_t rows_per_iter = static_cast<int64_t>(blockDim.y) * kFwdRows;
   for (int64_t base = blockIdx.y * rows_per_iter; base < p.rows;
        base += static_cast<int64_t>(gridDim.y) * rows_per_iter) {
@@ -170,7 +170,7 @@ bias_act_bwd_kernel(const BiasActBwdParams p, bool dropout, uint32_t threshold, 
   float b[VEC], acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = b[v] = 0.0f;
-  if (col_ok) load_bias<VEC>(p.bias, cc, b);
+  if (col_ok) load_bias<VEC>(static_cast<const float*>(p.bias), cc, b);
 
   const int64_t rows_per_iter = static_cast<int64_t>(blockDim.y) * kBwdRows;
   for (int64_t base = blockIdx.y * rows_per_iter; col_ok && base < p.rows;
@@ -367,7 +367,7 @@ cudaError_t bwd_typed(const BiasActBwdParams& p, int num_sms, cudaStream_t strea
   if (err != cudaSuccess || p.grad_bias == nullptr) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{32});
   TX_LAUNCH(bias_grad_finalize_kernel, static_cast<unsigned>(grid), dim3(32, 16), 0, stream)(
-      p.workspace, plan.grid_y, p.cols, p.grad_bias);
+      p.workspace, plan.grid_y, p.cols, static_cast<float*>(p.grad_bias));
   return cudaGetLastError();
 }
 

@@ -85,8 +85,8 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
   TX_SHARED(float[32 * cuda::kMaxGroups], red);
   const T* __restrict__ input = static_cast<const T*>(p.input);
   const T* __restrict__ residual = static_cast<const T*>(p.residual);
-  const float* __restrict__ weight = p.weight;
-  const float* __restrict__ bias = p.bias;
+  const float* __restrict__ weight = static_cast<const float*>(p.weight);
+  const float* __restrict__ bias = static_cast<const float*>(p.bias);
   T* __restrict__ out = static_cast<T*>(p.out);
   T* __restrict__ residual_out = static_cast<T*>(p.residual_out);
 
@@ -155,12 +155,12 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
         }
       }
     }
-    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + p.eps);
+    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + static_cast<float>(p.eps));
 
     if (row_ok) {
       if (threadIdx.x == 0) {
-        p.mean[row] = mean;
-        p.rstd[row] = rstd;
+        static_cast<float*>(p.mean)[row] = mean;
+        static_cast<float*>(p.rstd)[row] = rstd;
       }
       T* o_row = out + row * p.cols;
       T* ro_row = residual_out + row * p.cols;  // only dereferenced with a residual
@@ -220,16 +220,16 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
       const float d = load(c) - mean;
       sq += d * d;
     }
-    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + p.eps);
+    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + static_cast<float>(p.eps));
     if (threadIdx.x == 0) {
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
+      static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.rstd)[row] = rstd;
     }
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
       const float s = load(c);
       if (r_row != nullptr) residual_out[row * p.cols + c] = from_float<T>(s);
-      const float w = p.weight != nullptr ? p.weight[c] : 1.0f;
-      const float b = p.bias != nullptr ? p.bias[c] : 0.0f;
+      const float w = p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f;
+      const float b = p.bias != nullptr ? static_cast<const float*>(p.bias)[c] : 0.0f;
       out[row * p.cols + c] = from_float<T>((s - mean) * rstd * w + b);
     }
   }
@@ -247,7 +247,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* __restrict__ input = static_cast<const T*>(p.input);
-  const float* __restrict__ weight = p.weight;
+  const float* __restrict__ weight = static_cast<const float*>(p.weight);
   T* __restrict__ grad_input = static_cast<T*>(p.grad_input);
 
   const int64_t n = p.cols / VEC;
@@ -273,8 +273,8 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
     }
     float mean = 0.0f, rstd = 0.0f;
     if (row_ok) {
-      mean = p.mean[row];
-      rstd = p.rstd[row];
+      mean = static_cast<const float*>(p.mean)[row];
+      rstd = static_cast<const float*>(p.rstd)[row];
       const T* x_row = input + row * p.cols;
       const T* dy_row = grad_out + row * p.cols;
 #pragma unroll
@@ -402,12 +402,12 @@ layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
   const float inv_cols = 1.0f / static_cast<float>(p.cols);
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const float mean = p.mean[row], rstd = p.rstd[row];
+    const float mean = static_cast<const float*>(p.mean)[row], rstd = static_cast<const float*>(p.rstd)[row];
     const int64_t off = row * p.cols;
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
       const float xhat = (to_float(input[off + c]) - mean) * rstd;
-      const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? p.weight[c] : 1.0f);
+      const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f);
       sum_g += g;
       sum_gx += g * xhat;
     }
@@ -415,7 +415,7 @@ layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
     const float a = sum_g * inv_cols, b = sum_gx * inv_cols;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
       const float xhat = (to_float(input[off + c]) - mean) * rstd;
-      const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? p.weight[c] : 1.0f);
+      const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f);
       float dx = rstd * (g - a - xhat * b);
       if (grad_res != nullptr) dx += to_float(grad_res[off + c]);
       grad_input[off + c] = from_float<T>(dx);
@@ -444,7 +444,7 @@ layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p) {
     for (int64_t r = static_cast<int64_t>(blockIdx.y) * kColTileY + threadIdx.y; r < p.rows;
          r += num_partials * kColTileY) {
       const float dy = to_float(grad_out[r * p.cols + col]);
-      const float xhat = (to_float(input[r * p.cols + col]) - p.mean[r]) * p.rstd[r];
+      const float xhat = (to_float(input[r * p.cols + col]) - static_cast<const float*>(p.mean)[r]) * static_cast<const float*>(p.rstd)[r];
       aw += dy * xhat;
       ab += dy;
     }
@@ -696,8 +696,8 @@ cudaError_t layer_norm_bwd_typed(const LayerNormBwdParams& p, int num_sms, cudaS
   if (err != cudaSuccess || !plan.want_partials) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{kColTileX});
   TX_LAUNCH(layer_norm_bwd_finalize_kernel, static_cast<unsigned>(grid), dim3(kColTileX, kColTileY), 0,
-                                   stream)(p.workspace, plan.partials, p.cols, p.grad_weight,
-                                             p.grad_bias);
+            stream)(p.workspace, plan.partials, p.cols, static_cast<float*>(p.grad_weight),
+                    static_cast<float*>(p.grad_bias));
   return cudaGetLastError();
 }
 

@@ -16,13 +16,16 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64
 // ---------------------------------------------------------------------------------------------
 // Attention: out = softmax(scale * q k^T + mask) v, per (batch n, head h).
 //   q   (N, H,   L, E)    k (N, Hkv, S, E)    v (N, Hkv, S, Ev)    out (N, H, L, Ev)
-//   lse (N, H, L) fp32, contiguous: the natural log of the softmax denominator of each row,
-//       including the scale and the mask; -inf for a row with no allowed key.
+//   lse (N, H, L) contiguous, fp32 (fp64 for fp64 inputs: an fp32 lse would limit fp64 gradients
+//       to fp32 accuracy): the natural log of the softmax denominator of each row, including the
+//       scale and the mask; -inf for a row with no allowed key.
 // GQA: head h reads key/value head h / (H / Hkv). The last dimension of q, k, v, out, grad_out and
 // their gradients has stride 1 (bindings copy otherwise); every other stride is free.
 // Masks are read through four strides (0 on a broadcast dimension): kBool means true = attend;
-// any floating DType is added to the scaled scores. is_causal lets query i see keys 0..i (top-left
-// aligned, as torch does). A row with no allowed key yields out = 0, lse = -inf, zero gradients.
+// any floating DType is added to the scaled scores (-inf masks the key). is_causal lets query i see
+// keys 0..i (top-left aligned, as torch does). A row with no allowed key (decided by the mask and
+// is_causal alone, never by the scores) yields out = 0, lse = -inf, zero gradients; NaN or Inf in
+// the scores of any other row propagates to its outputs as in torch's composite.
 // ---------------------------------------------------------------------------------------------
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
 
@@ -33,7 +36,7 @@ struct AttentionParams {
   const void* k = nullptr;
   const void* v = nullptr;
   void* out = nullptr;
-  float* lse = nullptr;
+  void* lse = nullptr;  // fp32, or fp64 when dtype is kFloat64
 
   int64_t batch = 0, heads = 0, kv_heads = 0;
   int64_t q_len = 0, kv_len = 0, head_dim = 0, v_head_dim = 0;
@@ -71,9 +74,10 @@ struct AttentionBwdParams : AttentionParams {
   int64_t dk_stride[3] = {0, 0, 0};
   int64_t dv_stride[3] = {0, 0, 0};
 
-  // Gradient of an additive mask, written as the full (N, H, L, S) fp32 tensor dS (contiguous);
-  // the binding reduces it to the mask's broadcast shape. nullptr when not requested.
-  float* dmask = nullptr;
+  // Gradient of an additive mask, written as the full (N, H, L, S) tensor dS (contiguous; fp32,
+  // fp64 for fp64 inputs); the binding reduces it to the mask's broadcast shape. nullptr when not
+  // requested.
+  void* dmask = nullptr;
 
   // Scratch owned by the binding, sized by the launcher's workspace query (CUDA): D = rowsum(dO*O)
   // and fp32 dq accumulators.
@@ -85,26 +89,28 @@ struct AttentionBwdParams : AttentionParams {
 // LayerNorm over the last dimension of a (rows, cols) view, optionally of the sum input + residual:
 //   s = input (+ residual);  out = (s - mean) * rstd * weight + bias;  residual_out = s
 // s is rounded to the data type before it is normalized, as input + residual would be.
-// mean and rstd are fp32 (rows). weight and bias are fp32 (cols) or nullptr (treated as 1 and 0).
+// mean and rstd (rows), weight and bias (cols; nullptr: treated as 1 and 0) have the statistics
+// type: fp64 when dtype is kFloat64 (the CPU kernels only: the CUDA binding rejects fp64 here), fp32
+// otherwise. A variance that overflows gives rstd = NaN (as torch), never a finite output.
 // Input and residual rows may be strided; out and residual_out are contiguous.
 // ---------------------------------------------------------------------------------------------
 struct LayerNormParams {
   DType dtype = DType::kFloat32;  // of input, residual, out, residual_out, grad_out, grad_input
   int64_t rows = 0, cols = 0;
-  float eps = 1e-5f;
+  double eps = 1e-5;  // narrowed to fp32 by the fp32-statistics kernels
 
   const void* input = nullptr;
   int64_t input_row_stride = 0;
   const void* residual = nullptr;  // nullptr: plain LayerNorm
   int64_t residual_row_stride = 0;
-  const float* weight = nullptr;
-  const float* bias = nullptr;
+  const void* weight = nullptr;  // statistics type
+  const void* bias = nullptr;    // statistics type
 
   void* out = nullptr;
   void* residual_out = nullptr;  // written when residual != nullptr; may be nullptr then (not
                                  // wanted; the CUDA kernels still need it: their binding passes one)
-  float* mean = nullptr;
-  float* rstd = nullptr;
+  void* mean = nullptr;  // statistics type
+  void* rstd = nullptr;  // statistics type
 };
 
 // Backward of the above. `input` is the tensor that was normalized (residual_out in the fused op).
@@ -119,15 +125,16 @@ struct LayerNormBwdParams {
   const void* input = nullptr;              // contiguous (rows, cols)
   // When set, the normalized tensor is input + residual (contiguous (rows, cols)), summed while
   // reading (and rounded to the data type, as the forward did): the post-LN form whose forward
-  // did not write the sum. CPU kernels, fp32/bf16/fp16.
+  // did not write the sum. CPU kernels only.
   const void* residual = nullptr;
-  const float* mean = nullptr;
-  const float* rstd = nullptr;
-  const float* weight = nullptr;  // fp32 (cols) or nullptr
+  // mean, rstd, weight and the parameter gradients have the statistics type (see above).
+  const void* mean = nullptr;
+  const void* rstd = nullptr;
+  const void* weight = nullptr;  // (cols) or nullptr
 
-  void* grad_input = nullptr;  // contiguous (rows, cols)
-  float* grad_weight = nullptr;  // fp32 (cols) or nullptr when not wanted
-  float* grad_bias = nullptr;    // fp32 (cols) or nullptr when not wanted
+  void* grad_input = nullptr;    // contiguous (rows, cols)
+  void* grad_weight = nullptr;   // (cols) or nullptr when not wanted
+  void* grad_bias = nullptr;     // (cols) or nullptr when not wanted
 
   // Scratch for the deterministic two-stage weight/bias reduction (CUDA): fp32, sized by the
   // launcher's workspace query.
@@ -136,6 +143,7 @@ struct LayerNormBwdParams {
 
 // ---------------------------------------------------------------------------------------------
 // Bias + activation (+ dropout) on a (rows, cols) view:  out = dropout(act(input + bias))
+// bias and grad_bias are fp64 when dtype is kFloat64 (CPU only), fp32 otherwise.
 // ---------------------------------------------------------------------------------------------
 enum class Activation : int32_t { kRelu = 0, kGelu = 1, kGeluTanh = 2 };
 
@@ -146,8 +154,8 @@ struct BiasActParams {
 
   const void* input = nullptr;
   int64_t input_row_stride = 0;
-  const float* bias = nullptr;  // fp32 (cols) or nullptr
-  void* out = nullptr;          // contiguous (rows, cols)
+  const void* bias = nullptr;  // (cols) or nullptr
+  void* out = nullptr;         // contiguous (rows, cols)
 
   double dropout_p = 0.0;  // element index row * cols + col
   DropoutRng rng;
@@ -156,7 +164,7 @@ struct BiasActParams {
 struct BiasActBwdParams : BiasActParams {
   const void* grad_out = nullptr;  // contiguous (rows, cols)
   void* grad_input = nullptr;      // contiguous (rows, cols): also the gradient of the bias' rows
-  float* grad_bias = nullptr;      // fp32 (cols) or nullptr when not wanted
+  void* grad_bias = nullptr;       // (cols) or nullptr when not wanted
   float* workspace = nullptr;      // CUDA: deterministic two-stage bias-gradient reduction
 };
 

@@ -197,7 +197,7 @@ def _params(fn):
     return [p for p in inspect.signature(fn).parameters if p != "self"]
 
 
-def _make_hf_classes(hf_act):
+def _make_hf_classes():
     """tx_kernels subclasses of the HF modules (built lazily: transformers is optional)."""
     from transformers.models.bert import modeling_bert as mb
     from transformers.models.gpt2 import modeling_gpt2 as mg
@@ -225,6 +225,11 @@ def _make_hf_classes(hf_act):
     class TxBertOutput(mb.BertOutput):
         forward = _add_ln_forward
 
+    # Pickling finds a class by module and qualified name: these must be module attributes (see
+    # __getattr__ below), not the locals of this function.
+    for cls in (TxGPT2MLP, TxBertIntermediate, TxBertSelfOutput, TxBertOutput):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
     return {
         mg.GPT2MLP: (TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout")),
         mb.BertIntermediate: (TxBertIntermediate, ["hidden_states"], ("dense",)),
@@ -233,7 +238,26 @@ def _make_hf_classes(hf_act):
     }
 
 
-_HF_CLASS_CACHE = {}
+_HF_CLASSES = None
+_HF_CLASS_NAMES = ("TxGPT2MLP", "TxBertIntermediate", "TxBertSelfOutput", "TxBertOutput")
+
+
+def _hf_classes():
+    global _HF_CLASSES
+    if _HF_CLASSES is None:
+        _HF_CLASSES = _make_hf_classes()
+    return _HF_CLASSES
+
+
+def __getattr__(name):
+    # Unpickling a patched model (possibly in a fresh process) looks its classes up here. The
+    # model's config still selects the "tx_kernels" attention, so it is registered again too.
+    if name in _HF_CLASS_NAMES:
+        _register_hf_attention()
+        for cls, _, _ in _hf_classes().values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _hf_family(model):
@@ -272,7 +296,7 @@ def _patch_hf(model, family, act_name, report):
         report.left_alone.append(("attention", f"{err} (transformers {transformers.__version__})"))
 
     tx_act = HF_ACTIVATIONS.get(act_name) if isinstance(act_name, str) else None
-    classes = _make_hf_classes(tx_act)
+    classes = _hf_classes()
     for name, m in model.named_modules():
         if type(m) is nn.LayerNorm:
             _swap(m, tnn.LayerNorm)
