@@ -97,8 +97,10 @@ def torch_low_precision(q, k, v, mask=None, causal=False, scale=None, dropout_ma
                                dropout_p=dropout_p)
 
 
-def check_lse(lse, ref_lse, name=""):
-    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape, name
+def check_lse(lse, ref_lse, name="", dtype=torch.float32):
+    """`dtype`: the inputs'; lse is fp32, fp64 for fp64 inputs (params.h)."""
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+    assert lse.shape == ref_lse.shape, name
     assert lse.is_contiguous(), f"{name}: lse must be contiguous (N, H, L)"
     ninf_ref = torch.isneginf(ref_lse)
     assert not torch.isnan(lse).any(), f"{name}: NaN in lse (unwritten or bad math)"
@@ -271,7 +273,7 @@ def test_general_full_precision(dtype, causal):
         out, lse, _ = run_fwd(q, k, v, mask=mask, causal=causal)
         ref_out, ref_lse = ref_fwd(q, k, v, mask=mask, causal=causal)
         assert rel_err(out, ref_out) < 1e-5, f"{dtype} L={L} S={S} E={E} Ev={Ev}: {rel_err(out, ref_out)}"
-        check_lse(lse, ref_lse, f"{dtype} L={L} S={S}")
+        check_lse(lse, ref_lse, f"{dtype} L={L} S={S}", dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])

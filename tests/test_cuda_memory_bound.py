@@ -257,8 +257,13 @@ def test_bias_act(cols, dtype, activation):
     names = ["out", "grad_input", "grad_bias"]
     if dtype == torch.float32:
         res_ref = run(lambda x, b: R.bias_act(x, b, activation), lambda t: t.double())
-        for a, r, n, tol in zip(res_ours, res_ref, names, (1e-5, 1e-4, 1e-4)):
+        for a, r, n, tol in zip(res_ours[:2], res_ref[:2], names, (1e-5, 1e-4)):
             check_fp32(a, r, n, tol)
+        # grad_bias sums `rows` terms that may cancel (with one column, its norm is one such sum):
+        # measure its error against the norm of the terms' magnitudes, not of the sum.
+        magnitude = res_ref[1].abs().sum(0).norm().item()
+        err = (res_ours[2].double() - res_ref[2]).norm().item() / max(magnitude, 1e-300)
+        assert torch.isfinite(res_ours[2]).all() and err < 1e-4, f"grad_bias: error {err:.3e} of the terms' magnitude"
     else:
         res_ref = run(lambda x, b: R.bias_act(x, b, activation), lambda t: t.float())
         res_tor = run(lambda x, b: stock_act(x + b, activation), lambda t: t)
