@@ -379,3 +379,49 @@ def test_deterministic_mode_is_bit_identical(dtype, E, features):
         theirs = _torch_grads(q, k, v, None, True, scale, grad)
         for name, a, b, c in zip(("dq", "dk", "dv"), runs[0], theirs, ref):
             assert_within_torch_error(a, b, c, atol=ATOL[dtype], name=f"deterministic {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and Inf (params.h: they propagate as in torch's composite; fully masked rows stay 0)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["query", "key", "value", "mask", "scale"])
+@pytest.mark.parametrize("dtype,E,L,S", [(torch.bfloat16, 64, 5, 300), (torch.float16, 128, 1, 700),
+                                         (torch.float32, 40, 5, 90)],
+                         ids=["fast-bf16", "split-kv-fp16", "general-fp32"])
+def test_nan_propagates_like_torch(where, dtype, E, L, S):
+    q, k, v = _inputs(2, 2, 2, L, S, E, E, dtype)
+    mask = torch.randn(L, S, device=BE.device, dtype=dtype)
+    if L > 1:
+        mask[0, :] = -math.inf  # row 0 is fully masked: it stays 0 whatever NaN is elsewhere
+    scale = 0.125
+    nan = float("nan")
+    if where == "query":
+        q[1, 0, L - 1, 3] = nan
+    elif where == "key":
+        k[0, 1, S // 2, 0] = nan
+    elif where == "value":
+        v[0, 0, S - 1, 5] = nan
+    elif where == "mask":
+        mask[L - 1, S // 3] = nan
+    else:
+        scale = nan
+    out, lse = BE.ops.attention_fwd(q, k, v, mask, scale, False, 0.0, None)
+    grad = torch.randn_like(out)
+    ours = BE.ops.attention_bwd(grad, q, k, v, out, lse, mask, scale, False, 0.0, None, True)
+    args = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, mask)]
+    scores = args[0] @ args[1].transpose(-1, -2) * scale + args[3]
+    scores = scores.masked_fill(torch.isneginf(args[3]), -math.inf)
+    # By contract a fully masked row is 0 with zero gradients (torch: NaN); softmax over a
+    # finite stand-in row keeps its backward finite too.
+    empty = torch.isneginf(args[3]).all(-1, keepdim=True)
+    ref = (torch.softmax(scores.masked_fill(empty, 0.0), -1) @ args[2]).masked_fill(empty, 0.0)
+    ref_grads = torch.autograd.grad(ref, args, grad.cpu().double())
+    out = out.cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), f"out: NaN at {out.isnan().sum()} places, torch {ref.isnan().sum()}"
+    if L > 1 and where != "scale":
+        assert (out[:, :, 0] == 0).all(), "a fully masked row must stay 0"
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref_grads):
+        a = a.cpu()
+        if b.isnan().any():
+            assert a.isnan().any(), f"{name}: finite where torch's gradient is NaN"
+        assert not (a.isnan() & ~b.isnan()).any(), f"{name}: NaN where torch's gradient is finite"

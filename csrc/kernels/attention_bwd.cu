@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kBlockN / 16 * 32, 1) attention_
         if (need_bounds && (j >= S || (a.causal && j > i))) sc = -kInf;
         if constexpr (kFeatures) {
           if (a.mask_kind != 0 && sc != -kInf && i < L && j < S) {
-            sc = fmaf(mask_bias<float>(a, n, h, i, j), kLog2eF, sc);
+            sc = add_mask(sc, mask_bias<float>(a, n, h, i, j), kLog2eF);
           }
         }
         // lse_s is +inf for rows >= L and fully masked rows: p = 0 there.
@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kBlockN / 16 * 32, 1) attention_
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = nt * 8 + cq + (e & 1);
-        acc_dp[nt][e] = acc_s[nt][e] * (dropped(acc_dp[nt][e], nt, e) - dsum_s[il]);
+        acc_dp[nt][e] = softmax_grad(acc_s[nt][e], dropped(acc_dp[nt][e], nt, e) - dsum_s[il]);
       }
     }
     if constexpr (kFeatures) {
@@ -741,7 +741,7 @@ __global__ void __launch_bounds__(kDqBlockM / 16 * 32, 1) attention_bwd_dq_kerne
           if (need_bounds && (j >= S || (a.causal && j > i))) sc = -kInf;
           if constexpr (kFeatures) {
             if (a.mask_kind != 0 && sc != -kInf && i < L && j < S) {
-              sc = fmaf(mask_bias<float>(a, n, h, i, j), kLog2eF, sc);
+              sc = add_mask(sc, mask_bias<float>(a, n, h, i, j), kLog2eF);
             }
           }
           const float p = fast_exp2(sc - lse2[r]);
@@ -749,7 +749,7 @@ __global__ void __launch_bounds__(kDqBlockM / 16 * 32, 1) attention_bwd_dq_kerne
           if constexpr (kFeatures) {
             if (a.dropout) dp = keep[r][e & 1] ? dp * a.drop_scale : 0.f;
           }
-          acc_dp[nt][e] = p * (dp - dsum[r]);
+          acc_dp[nt][e] = softmax_grad(p, dp - dsum[r]);
         }
       }
 
@@ -853,7 +853,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
           Acc dot = Acc(0);
           for (int64_t c = 0; c < E; ++c) dot += cvt<Acc>(qi[c]) * sk[c];
           Acc sc = dot * scale;
-          if (a.mask_kind != 0) sc += mask_bias<Acc>(a, n, h, i, j);
+          if (a.mask_kind != 0) sc = add_mask(sc, mask_bias<Acc>(a, n, h, i, j), Acc(1));
           p = sc == -inf ? Acc(0) : exp_acc(sc - lse);
           const T* doi = doh + i * a.do_stride[2];
           Acc dp = Acc(0);
@@ -861,10 +861,10 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
           if (a.dropout) {
             const bool keep = a.rng.word(static_cast<uint64_t>((bh * L + i) * S + j)) >= a.drop_threshold;
             const Acc f = keep ? drop_scale : Acc(0);
-            ds = p * (dp * f - dsum_all[bh * L + i]);
+            ds = softmax_grad(p, dp * f - dsum_all[bh * L + i]);
             p *= f;
           } else {
-            ds = p * (dp - dsum_all[bh * L + i]);
+            ds = softmax_grad(p, dp - dsum_all[bh * L + i]);
           }
         }
       }
@@ -900,7 +900,7 @@ __device__ __forceinline__ void general_p_dpz(const BwdArgs& a, const Acc* sq, c
   Acc dot = Acc(0);
   for (int64_t c = 0; c < a.E; ++c) dot += sq[c] * cvt<Acc>(kj[c]);
   Acc sc = dot * general_scale<Acc>(a);
-  if (a.mask_kind != 0) sc += mask_bias<Acc>(a, n, h, i, j);
+  if (a.mask_kind != 0) sc = add_mask(sc, mask_bias<Acc>(a, n, h, i, j), Acc(1));
   p = sc == -static_cast<Acc>(__builtin_huge_valf()) ? Acc(0) : exp_acc(sc - lse);
   const T* vj = v + j * a.v_stride[2];
   Acc dp = Acc(0);
@@ -986,7 +986,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
     if (j < j_end && live) {
       Acc p, dpz;
       general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
-      ds = p * (dpz - dsum);
+      ds = softmax_grad(p, dpz - dsum);
     }
     if (a.dmask != nullptr && j < j_end) as_acc<Acc>(a.dmask)[row * S + j] = ds;
     sds[lane] = ds;

@@ -46,6 +46,14 @@ __device__ __forceinline__ void load_rows_async(T* s, const T* g, int64_t row_st
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
+// dS = P (dP - D). An exactly zero probability (a masked key, every key of a fully masked row)
+// contributes no gradient, also where dP - D is NaN or Inf (0 * NaN would leak it into dq and
+// dk of rows that params.h promises zero gradients).
+template <typename Acc>
+__device__ __forceinline__ Acc softmax_grad(Acc p, Acc dp_minus_d) {
+  return p == Acc(0) ? Acc(0) : p * dp_minus_d;
+}
+
 __device__ __forceinline__ uint32_t philox_word(const Philox4& r, uint32_t which) {
   return which == 0 ? r.x : which == 1 ? r.y : which == 2 ? r.z : r.w;
 }

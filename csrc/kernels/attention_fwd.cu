@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(kBlockM / (16 * kMTiles) * 32, 1)
               const int64_t i = row_g + ((e >> 1) << 3);
               const int64_t j = n0 + jl;
               if (a.mask_kind != 0 && s != -kInf && i < L && j < S) {
-                s = fmaf(mask_bias<float>(a, n, h, i, j), kLog2e, s);
+                s = add_mask(s, mask_bias<float>(a, n, h, i, j), kLog2e);
               }
             }
             acc_s[mt][nt][e] = s;
@@ -497,8 +497,15 @@ __global__ void __launch_bounds__(kBlockM / (16 * kMTiles) * 32, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(row_l[mt][r]);
-      inv[mt][r] = l > 0.f ? 1.f / l : 0.f;
-      lse_row[mt][r] = l > 0.f ? row_m[mt][r] * kLn2 + fast_log(l) : -kInf;
+      // l == 0 exactly when every key of the row was masked (the row max keeps one term at 1
+      // otherwise); a NaN l (a NaN score) must reach out and lse, so no `l > 0` test.
+      inv[mt][r] = l != 0.f ? 1.f / l : 0.f;
+      lse_row[mt][r] = l != 0.f ? row_m[mt][r] * kLn2 + fast_log(l) : -kInf;
+      if (l == 0.f) {
+        // A fully masked row is 0 even where V holds NaN or Inf (its P is 0, but 0 * NaN is not).
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) acc_o[mt][dt][2 * r] = acc_o[mt][dt][2 * r + 1] = 0.f;
+      }
     }
   }
   if (!warp_active) return;  // no block-wide barrier follows
@@ -582,17 +589,22 @@ __global__ void __launch_bounds__(128) attention_fwd_combine_kernel(const FwdArg
   const int64_t row = blockIdx.x;  // (n * H + h) * L + i
   const int splits = a.num_splits;
   if (threadIdx.x == 0) {
+    // A NaN partial lse (a NaN score in that split) must win the max so that it reaches the row;
+    // fmaxf would drop it.
     float mx = -__builtin_huge_valf();
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, a.lse_part[s * NHL + row]);
+    for (int s = 0; s < splits; ++s) {
+      const float ls = a.lse_part[s * NHL + row];
+      mx = (ls > mx || ls != ls) ? ls : mx;
+    }
     float sum = 0.f;
     for (int s = 0; s < splits; ++s) {
       const float ls = a.lse_part[s * NHL + row];
       w[s] = mx == -__builtin_huge_valf() ? 0.f : __expf(ls - mx);  // exp(-inf) = 0 for empty splits
       sum += w[s];
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum != 0.f ? 1.f / sum : 0.f;
     for (int s = 0; s < splits; ++s) w[s] *= inv;
-    lse_final = sum > 0.f ? mx + logf(sum) : -__builtin_huge_valf();
+    lse_final = sum != 0.f ? mx + logf(sum) : -__builtin_huge_valf();
   }
   __syncthreads();
   const int64_t bh = row / a.L, i = row % a.L;
@@ -646,7 +658,7 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const FwdArg
       Acc dot = Acc(0);
       for (int64_t d = 0; d < E; ++d) dot += sq[d] * convert<Acc>(kr[d]);
       s = dot;
-      if (a.mask_kind != 0) s += mask_bias<Acc>(a, n, h, i, j) * log2e;
+      if (a.mask_kind != 0) s = add_mask(s, mask_bias<Acc>(a, n, h, i, j), log2e);
     }
     const Acc m_new = warp_max(s);  // all lanes participate (out-of-range lanes hold -inf)
     const Acc m_tile = m_new > m ? m_new : m;
@@ -672,10 +684,10 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const FwdArg
   }
 
   T* o = reinterpret_cast<T*>(a.out) + n * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
-  const Acc inv = l > Acc(0) ? Acc(1) / l : Acc(0);
-  for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(sacc[c] * inv);
+  const Acc inv = l != Acc(0) ? Acc(1) / l : Acc(0);  // as in the fast kernel: NaN passes
+  for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(l != Acc(0) ? sacc[c] * inv : Acc(0));
   if (lane == 0) {
-    as_acc<Acc>(a.lse)[row] = l > Acc(0) ? m * Acc(0.69314718055994530941723212145818) + fast_log(l)
+    as_acc<Acc>(a.lse)[row] = l != Acc(0) ? m * Acc(0.69314718055994530941723212145818) + fast_log(l)
                                          : -static_cast<Acc>(__builtin_huge_valf());
   }
 }

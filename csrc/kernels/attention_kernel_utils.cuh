@@ -199,6 +199,14 @@ __device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 __device__ __forceinline__ float fast_log(float x) { return logf(x); }
 __device__ __forceinline__ double fast_log(double x) { return log(x); }
 
+// A score plus an additive mask value (times `factor`: log2(e) where scores live in the log2
+// domain). A mask value of -inf (a False entry, or -inf in a floating mask) replaces the score, so
+// a NaN or Inf score at a masked key cannot reach its row (params.h).
+template <typename Acc>
+__device__ __forceinline__ Acc add_mask(Acc score, Acc bias, Acc factor) {
+  return bias == -static_cast<Acc>(__builtin_huge_valf()) ? bias : score + bias * factor;
+}
+
 // lse and dmask hold Acc values (params.h: fp64 for fp64 inputs). The argument structs keep the
 // float pointers the fp32-accumulating kernels use; the general kernels read them through this.
 template <typename Acc, typename P>
