@@ -357,6 +357,11 @@ def test_feed_forward(dtype, activation):
     tensors = [torch.randn(3, n, d, device=BE.device), torch.randn(h, d, device=BE.device) / d ** 0.5,
                torch.randn(h, device=BE.device), torch.randn(d, h, device=BE.device) / h ** 0.5,
                torch.randn(d, device=BE.device)]
+    if activation == "relu":
+        # relu' jumps at 0: a pre-activation within rounding of 0 may round to either side in any
+        # implementation, and one such unit moves a whole row of grad_input by far more than 2x
+        # torch's error. Biases of +-5 against x . w ~ N(0, 1) keep every unit on one side.
+        tensors[2] = torch.sign(tensors[2]) * 5.0
     g = torch.randn(3, n, d, device=BE.device)
 
     def run(fn, cast):
@@ -392,3 +397,46 @@ def test_fp64_rejected_on_cuda_with_argument_name():
         TF.bias_gelu(x, None)
     with pytest.raises(TypeError, match="`input`"):
         TF.add_layer_norm(x, x, (8,))
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN, Inf and huge values: the same non-finite pattern as torch in float64 (params.h)
+# ----------------------------------------------------------------------------------------------
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, 0.5, -3.0]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_act_special_values(activation, dtype):
+    x = torch.tensor(SPECIAL * 5, device=BE.device).reshape(5, 8).to(dtype)
+    b = torch.zeros(8, device=BE.device)
+    xo, bo = leaf(x), leaf(b)
+    y = TF.bias_act(xo, bo, activation)
+    y.backward(torch.ones_like(y))
+    xr = x.detach().cpu().double().requires_grad_()
+    yr = stock_act(xr, activation)
+    yr.backward(torch.ones_like(yr))
+    for name, ours, ref in (("out", y, yr), ("grad_input", xo.grad, xr.grad)):
+        ours, ref = ours.detach().cpu().double(), ref.detach()
+        assert torch.equal(ours.isnan(), ref.isnan()), f"{name}: NaN at {ours.isnan().nonzero().tolist()}, torch {ref.isnan().nonzero().tolist()}"
+        finite = ref.isfinite()
+        assert torch.equal(ours.isinf(), ref.isinf()) and torch.equal(ours[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()]), name
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cols", [64, 768, 5000])
+def test_layer_norm_non_finite_rows(cols):
+    x = torch.randn(5, cols, device=BE.device)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2] *= 1e20  # the variance overflows fp32
+    w = torch.randn(cols, device=BE.device)
+    b = torch.randn(cols, device=BE.device)
+    out = TF.layer_norm(x, (cols,), w, b)
+    ref = F.layer_norm(x.cpu().double(), (cols,), w.cpu().double(), b.cpu().double())
+    ours_finite = out.cpu().isfinite().all(1)
+    assert ours_finite.tolist() == [False, False, False, True, True], ours_finite.tolist()
+    # Rows 0-1 are NaN in torch too; torch in fp32 may turn the overflow of row 2 into 0 or NaN,
+    # never a meaningful number, so a finite row 2 would be a silent wrong answer.
+    assert not ref[:2].isfinite().all(1).any()
+    torch.testing.assert_close(out.cpu()[3:].double(), ref[3:], rtol=1e-5, atol=1e-5)

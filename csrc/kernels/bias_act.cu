@@ -75,17 +75,23 @@ __device__ __forceinline__ float act_fwd(float z) {
 
 template <Activation ACT>
 __device__ __forceinline__ float act_grad(float z) {
+  // The CPU kernels' rules (csrc/cpu/bias_act.cpp), which are torch's: NaN in, NaN out, except
+  // relu, whose gradient at NaN passes through as in threshold_backward; + (z - z) gives the
+  // NaN of torch's inf * 0 at z = +-inf where the formulas below would saturate to a number.
   if constexpr (ACT == Activation::kRelu) {
-    return z > 0.0f ? 1.0f : 0.0f;
+    return z <= 0.0f ? 0.0f : 1.0f;
   } else if constexpr (ACT == Activation::kGelu) {
     const float cdf = 0.5f * (1.0f + erff(z * kSqrt1_2));
     const float pdf = kInvSqrt2Pi * __expf(-0.5f * z * z);
-    return cdf + z * pdf;
+    return cdf + z * pdf + (z - z);
   } else {
-    const float u = kSqrt2OverPi * (z + kGeluTanhCoef * z * z * z);
-    const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * z * z);
+    // Beyond |z| = 20 the derivative is 1 or 0 to fp32 precision; clamping (fminf / fmaxf keep a
+    // NaN only through the + (z - z)) stops z^3 overflowing to 0 * inf for huge finite inputs.
+    const float zc = fminf(fmaxf(z, -20.0f), 20.0f);
+    const float u = kSqrt2OverPi * (zc + kGeluTanhCoef * zc * zc * zc);
+    const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * zc * zc);
     const float s = 1.0f / (1.0f + __expf(-2.0f * u));
-    return s + z * s * (1.0f - s) * 2.0f * du;
+    return s + zc * s * (1.0f - s) * 2.0f * du + (z - z);
   }
 }
 

@@ -79,6 +79,13 @@ constexpr int64_t kMaxGrid = int64_t{1} << 30;  // rows beyond grid * rows-per-C
 
 // Forward, register path. blockDim = (tpr, rows per CTA); row group = threads sharing threadIdx.y.
 // cols % VEC == 0 (the launcher picks VEC = 1 otherwise).
+// rstd from the variance summed as sum((d / sqrt(cols))^2): scaling each term first keeps the sum
+// finite whenever the variance itself fits fp32. A variance that does not gives NaN (params.h),
+// where rsqrt(inf) would be 0 and the row a finite, wrong (x - mean) * 0.
+__device__ __forceinline__ float rstd_of(float var, float eps) {
+  return var == __builtin_huge_valf() ? __builtin_nanf("") : rsqrtf(var + eps);
+}
+
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(fwd_max_threads(VEC, ITEMS))
 layer_norm_fwd_kernel(const LayerNormParams p) {
@@ -93,6 +100,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
   const int64_t n = p.cols / VEC;  // chunks per row
   const int tpr = static_cast<int>(blockDim.x);
   const float inv_cols = 1.0f / static_cast<float>(p.cols);
+  const float inv_sqrt_cols = rsqrtf(static_cast<float>(p.cols));
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
 
   // The loop bound is uniform over the CTA (base, not row), so groups past the last row still
@@ -150,12 +158,12 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
       if (c < n) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const float d = s[k][v] - mean;
+          const float d = (s[k][v] - mean) * inv_sqrt_cols;
           sq += d * d;
         }
       }
     }
-    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + static_cast<float>(p.eps));
+    const float rstd = rstd_of(group_reduce_sum(sq, red), static_cast<float>(p.eps));
 
     if (row_ok) {
       if (threadIdx.x == 0) {
@@ -204,6 +212,7 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
   T* __restrict__ out = static_cast<T*>(p.out);
   T* __restrict__ residual_out = static_cast<T*>(p.residual_out);
   const float inv_cols = 1.0f / static_cast<float>(p.cols);
+  const float inv_sqrt_cols = rsqrtf(static_cast<float>(p.cols));
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x_row = input + row * p.input_row_stride;
@@ -217,10 +226,10 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
     const float mean = group_reduce_sum(sum, red) * inv_cols;
     float sq = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      const float d = load(c) - mean;
+      const float d = (load(c) - mean) * inv_sqrt_cols;
       sq += d * d;
     }
-    const float rstd = rsqrtf(group_reduce_sum(sq, red) * inv_cols + static_cast<float>(p.eps));
+    const float rstd = rstd_of(group_reduce_sum(sq, red), static_cast<float>(p.eps));
     if (threadIdx.x == 0) {
       static_cast<float*>(p.mean)[row] = mean;
       static_cast<float*>(p.rstd)[row] = rstd;
