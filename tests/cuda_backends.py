@@ -12,13 +12,14 @@ glue that routes to the real GPU).
 """
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import tx_kernels
 import tx_kernels.functional
 import tx_kernels.ops
+from tx_kernels import reference as R
+
 
 CPU_OPS = torch.ops.tx_kernels  # the C++ CPU kernels, for cross-checks that must not be emulated
 
@@ -136,39 +137,7 @@ def allocation_sizes(fn):
     return result, [ev.cpu_memory_usage for ev in prof.events() if ev.cpu_memory_usage > 0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Philox: an independent NumPy re-implementation of csrc/kernels/philox.h's scheme
-# ----------------------------------------------------------------------------------------------
-_MASK32 = np.uint64(0xFFFFFFFF)
-
-
-def philox_words(group, offset, seed):
-    """Philox4x32-10 of counter (group lo, group hi, offset lo, offset hi), key (seed lo, hi)."""
-    c0 = group & _MASK32
-    c1 = group >> np.uint64(32)
-    c2 = np.full_like(group, np.uint64(offset) & _MASK32)
-    c3 = np.full_like(group, np.uint64(offset) >> np.uint64(32))
-    k0 = np.uint64(seed) & _MASK32
-    k1 = np.uint64(seed) >> np.uint64(32)
-    for _ in range(10):
-        p0 = np.uint64(0xD2511F53) * c0
-        p1 = np.uint64(0xCD9E8D57) * c2
-        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
-        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + np.uint64(0x9E3779B9)) & _MASK32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & _MASK32
-    return np.stack([c0, c1, c2, c3], axis=-1)
-
-
 def philox_keep(numel, p, rng):
     """Keep decisions of elements 0..numel-1 (flat index) for dropout probability p and the
-    int64 [seed, offset] rng tensor, as a bool tensor of numel elements."""
-    seed = int(rng[0]) % 2**64
-    offset = int(rng[1]) % 2**64
-    idx = np.arange(numel, dtype=np.uint64)
-    words = philox_words(idx >> np.uint64(2), offset, seed)
-    word = np.take_along_axis(words, (idx & np.uint64(3)).astype(np.int64)[:, None], axis=1)[:, 0]
-    p32 = float(np.float32(p))  # the kernels receive p as float
-    threshold = 0 if p32 <= 0 else (0xFFFFFFFF if p32 >= 1 else int(p32 * 4294967296.0))
-    return torch.from_numpy(word >= threshold)
+    int64 [seed, offset] rng tensor (tx_kernels.reference's independent NumPy Philox)."""
+    return R.dropout_keep_mask(int(rng[0]), int(rng[1]), numel, p)

@@ -1,7 +1,6 @@
 """tx_kernels bias + activation (+ dropout), forward and backward, against float64 references."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,25 +29,6 @@ def _away_from_kinks(x, act):
     return x
 
 
-# ----------------------------------------------------------------------------------------------
-# An independent implementation of csrc/kernels/philox.h in numpy, from its comments.
-# ----------------------------------------------------------------------------------------------
-def philox_keep_mask(seed, offset, numel, p):
-    m32 = np.uint64(0xFFFFFFFF)
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
-    seed, offset = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
-    c = [groups & m32, groups >> np.uint64(32),
-         np.full_like(groups, offset & m32), np.full_like(groups, offset >> np.uint64(32))]
-    k0, k1 = seed & m32, seed >> np.uint64(32)
-    for _ in range(10):
-        p0 = np.uint64(0xD2511F53) * c[0]
-        p1 = np.uint64(0xCD9E8D57) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
-        k0 = (k0 + np.uint64(0x9E3779B9)) & m32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & m32
-    words = np.stack(c, axis=1).reshape(-1)[:numel]
-    threshold = 0 if p <= 0 else (2**32 - 1 if p >= 1 else int(p * 2**32))
-    return torch.from_numpy(words >= np.uint64(threshold))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +74,7 @@ def test_large_streaming_store_path(cols, dtype, poison):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, ref) < tol and rel_err(gx, gx_ref) < 10 * tol and rel_err(gb, gb_ref) < 10 * tol
     drop = ops.bias_act_fwd(x, b, "relu", 0.5, torch.tensor([9, 9]))
-    keep = philox_keep_mask(9, 9, x.numel(), 0.5).reshape(x.shape)
+    keep = R.dropout_keep_mask(9, 9, x.numel(), 0.5).reshape(x.shape)
     assert torch.equal(drop, torch.where(keep, (F.relu(x.float() + b) * 2).to(dtype), torch.zeros((), dtype=dtype)))
 
 
@@ -214,7 +194,7 @@ def test_dropout_mask_is_philox_h(shape, p, poison):
         rng = torch.tensor([seed, offset], dtype=torch.int64)
         x = torch.rand(shape) + 1.0  # relu(x) = x > 0: output is 0 exactly where dropped
         out = ops.bias_act_fwd(x, None, "relu", p, rng)
-        keep = philox_keep_mask(seed, offset, x.numel(), p).reshape(shape)
+        keep = R.dropout_keep_mask(seed, offset, x.numel(), p).reshape(shape)
         assert torch.equal(out != 0, keep)
         assert torch.allclose(out, x * keep / (1 - p), rtol=1e-6, atol=0)
 
@@ -230,7 +210,7 @@ def test_dropout_backward_regenerates_mask(act):
     # Rebuild the same draw: the functional draws [seed, offset] from torch's generator.
     torch.manual_seed(7)
     rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64)
-    keep = philox_keep_mask(int(rng[0]), int(rng[1]), x.numel(), 0.4).reshape(x.shape)
+    keep = R.dropout_keep_mask(int(rng[0]), int(rng[1]), x.numel(), 0.4).reshape(x.shape)
     xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     out_ref = R.bias_act(xr, br, act) * keep / 0.6
     assert rel_err(out, out_ref) < 1e-5

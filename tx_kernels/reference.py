@@ -51,17 +51,16 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None, en
     return torch.matmul(probs, value)
 
 
-def dropout_keep_mask(seed, offset, numel, p):
-    """The keep-mask of elements 0..numel-1 for rng [seed, offset] and drop probability p,
-    implemented in numpy from the comments of csrc/kernels/philox.h (Philox4x32-10; element e
-    takes word e % 4 of counter (e // 4, offset); kept iff word >= p * 2^32)."""
+def philox_words(group, offset, seed):
+    """Philox4x32-10 words (..., 4) of counters (group lo, group hi, offset lo, offset hi) under the
+    key (seed lo, seed hi), for a uint64 numpy array of groups: csrc/kernels/philox.h's scheme,
+    implemented in numpy from its comments."""
     import numpy as np
 
     m32 = np.uint64(0xFFFFFFFF)
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
-    seed, offset = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
-    c = [groups & m32, groups >> np.uint64(32),
-         np.full_like(groups, offset & m32), np.full_like(groups, offset >> np.uint64(32))]
+    offset, seed = np.uint64(offset % 2**64), np.uint64(seed % 2**64)
+    c = [group & m32, group >> np.uint64(32), np.full_like(group, offset & m32),
+         np.full_like(group, offset >> np.uint64(32))]
     k0, k1 = seed & m32, seed >> np.uint64(32)
     for _ in range(10):
         p0 = np.uint64(0xD2511F53) * c[0]
@@ -69,7 +68,15 @@ def dropout_keep_mask(seed, offset, numel, p):
         c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
         k0 = (k0 + np.uint64(0x9E3779B9)) & m32
         k1 = (k1 + np.uint64(0xBB67AE85)) & m32
-    words = np.stack(c, axis=1).reshape(-1)[:numel]
+    return np.stack(c, axis=-1)
+
+
+def dropout_keep_mask(seed, offset, numel, p):
+    """The keep-mask (bool, numel) of elements 0..numel-1 for rng [seed, offset] and drop
+    probability p: element e takes word e % 4 of group e // 4 and is kept iff word >= p * 2^32."""
+    import numpy as np
+
+    words = philox_words(np.arange((numel + 3) // 4, dtype=np.uint64), offset, seed).reshape(-1)[:numel]
     threshold = 0 if p <= 0 else (2**32 - 1 if p >= 1 else int(p * 2**32))
     return torch.from_numpy(words >= np.uint64(threshold))
 
