@@ -205,3 +205,9 @@ def feed_forward(
     hidden = F.linear(input, weight1)
     hidden = bias_act(hidden, bias1, activation, dropout_p)
     return F.linear(hidden, weight2, bias2)
+
+
+# Variable-length (packed) attention and its pack/unpack helpers (FlashAttention's varlen API).
+from .varlen import attention_varlen, cu_seqlens_from_lengths, pad_input, unpad_input  # noqa: E402
+
+__all__ += ["attention_varlen", "cu_seqlens_from_lengths", "pad_input", "unpad_input"]
