@@ -208,6 +208,6 @@ def feed_forward(
 
 
 # Variable-length (packed) attention and its pack/unpack helpers (FlashAttention's varlen API).
-from .varlen import attention_varlen, cu_seqlens_from_lengths, pad_input, unpad_input  # noqa: E402
+from .varlen import PackedBatch, attention_varlen, cu_seqlens_from_lengths, pad_input, unpad_input  # noqa: E402
 
-__all__ += ["attention_varlen", "cu_seqlens_from_lengths", "pad_input", "unpad_input"]
+__all__ += ["attention_varlen", "cu_seqlens_from_lengths", "pad_input", "unpad_input", "PackedBatch"]

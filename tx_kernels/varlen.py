@@ -12,7 +12,7 @@ import torch
 
 from .ops import ops
 
-__all__ = ["attention_varlen", "unpad_input", "pad_input", "cu_seqlens_from_lengths"]
+__all__ = ["attention_varlen", "unpad_input", "pad_input", "cu_seqlens_from_lengths", "PackedBatch"]
 
 
 def _functional():
@@ -87,6 +87,20 @@ def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return cu.to(torch.int32)
 
 
+def _mask_layout(attention_mask: torch.Tensor):
+    keep = attention_mask.bool()
+    indices = torch.nonzero(keep.reshape(-1), as_tuple=False).flatten()
+    lengths = keep.sum(dim=1)
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return indices, cu_seqlens_from_lengths(lengths), max_seqlen
+
+
+def _check_mask(hidden_states, attention_mask):
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"tx_kernels: `attention_mask` must have shape (N, L) = "
+                         f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}")
+
+
 def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Packs the real tokens of a padded batch, as FlashAttention's unpad_input.
@@ -96,14 +110,8 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor
     the flattened N * L positions, cu_seqlens int32 (N + 1,), max_seqlen int). Each row's real
     tokens keep their order and become one sequence. Differentiable in hidden_states.
     """
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
-        raise ValueError(f"tx_kernels: `attention_mask` must have shape (N, L) = "
-                         f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}")
-    keep = attention_mask.bool().reshape(-1)
-    indices = torch.nonzero(keep, as_tuple=False).flatten()
-    lengths = attention_mask.bool().sum(dim=1)
-    cu_seqlens = cu_seqlens_from_lengths(lengths)
-    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    _check_mask(hidden_states, attention_mask)
+    indices, cu_seqlens, max_seqlen = _mask_layout(attention_mask)
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
     return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
 
@@ -113,3 +121,34 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_copy(0, indices, packed)
     return out.reshape(batch, seqlen, *packed.shape[1:])
+
+
+class PackedBatch:
+    """The real tokens of a padded (N, L) batch, for models that run padding-free.
+
+    Built once from the (N, L) padding mask; pack() removes padding from an (N, L, ...) tensor,
+    pad() puts it back (zeros at padded positions), attention() runs attention_varlen over the
+    packed sequences (self-attention: queries and keys share the offsets).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        if attention_mask.dim() != 2:
+            raise ValueError(f"tx_kernels: `attention_mask` must be (batch, seq_len), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        self.batch, self.seqlen = attention_mask.shape
+        self.indices, self.cu_seqlens, self.max_seqlen = _mask_layout(attention_mask)
+
+    @property
+    def total(self) -> int:
+        return self.indices.numel()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        _check_mask(x, torch.empty(self.batch, self.seqlen, device="meta"))
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.indices)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_input(x, self.indices, self.batch, self.seqlen)
+
+    def attention(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        return attention_varlen(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen,
+                                self.max_seqlen, dropout_p, softmax_scale, causal)
