@@ -218,9 +218,36 @@ def test_transformer_encoder_key_padding_padding_free(norm_first, batch_first, v
     b = ours(xb, src_key_padding_mask=pad)
     assert len(varlen_calls) == 2
     real = ~pad if batch_first else ~pad.t()
-    assert rel_err(b[real], a[real]) < FWD_TOL
+    # vs torch: the LayerNorm kernels keep fp32 statistics, also for fp64 (as the padded path).
+    assert rel_err(b[real], a[real]) < 1e-8
     assert (b[~real] == 0).all()
+    # An additive mask is not packed: tx_kernels' padded path, which padding-free must equal.
+    varlen_calls.clear()
+    with torch.no_grad():
+        c = ours(x, src_key_padding_mask=torch.zeros(pad.shape, dtype=x.dtype).masked_fill(pad, float("-inf")))
+    assert not varlen_calls
+    assert rel_err(b[real], c[real]) < FWD_TOL
     w = torch.randn_like(a) * real[..., None]
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    assert rel_err(xb.grad, xa.grad) < GRAD_TOL
+    _assert_grads_match(_param_grads(ours), _param_grads(ref))
+
+
+def test_transformer_encoder_layer_alone_padding_free(varlen_calls):
+    ref = nn.TransformerEncoderLayer(24, 3, 40, dropout=0.0, batch_first=True, dtype=torch.float64)
+    ours = copy.deepcopy(ref)
+    tx_kernels.patch(ours)
+    assert isinstance(ours, tnn.TransformerEncoderLayer)
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[2, 1:] = True
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ref(xa, src_key_padding_mask=pad), ours(xb, src_key_padding_mask=pad)
+    assert len(varlen_calls) == 1
+    assert rel_err(b[~pad], a[~pad]) < 1e-8 and (b[pad] == 0).all()
+    w = torch.randn_like(a) * (~pad)[..., None]
     (a * w).sum().backward()
     (b * w).sum().backward()
     assert rel_err(xb.grad, xa.grad) < GRAD_TOL
