@@ -275,3 +275,23 @@ def test_compiles_fullgraph():
                        fullgraph=True, backend="aot_eager")
     out = fn(q, k, v)
     assert rel_err(out, _run(q, k, v, lq, lq, True)) < 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_jagged_nested_tensors_in_sdpa(causal):
+    lq, H, E = [5, 1, 12], 2, 8
+    q, k, v = _inputs(H, H, E, E, lq, lq, torch.float64)
+    offsets = _cu(lq).long()
+    nest = lambda t: torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2)  # (N, H, j, E)
+    out = TF.scaled_dot_product_attention(nest(q), nest(k), nest(v), is_causal=causal)
+    assert out.is_nested and out.shape[1] == H
+    packed = out.transpose(1, 2).values()
+    ref = reference(q, k, v, lq, lq, causal)
+    assert rel_err(packed, ref) < 1e-12
+    grad = torch.randn_like(packed)
+    got = torch.autograd.grad(packed, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+    with pytest.raises(ValueError, match="`attn_mask` cannot be combined with nested"):
+        TF.scaled_dot_product_attention(nest(q), nest(k), nest(v), attn_mask=torch.ones(1, dtype=torch.bool))

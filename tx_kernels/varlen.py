@@ -12,7 +12,8 @@ import torch
 
 from .ops import ops
 
-__all__ = ["attention_varlen", "unpad_input", "pad_input", "cu_seqlens_from_lengths", "PackedBatch"]
+__all__ = ["attention_varlen", "jagged_attention", "unpad_input", "pad_input", "cu_seqlens_from_lengths",
+           "PackedBatch"]
 
 
 def _functional():
@@ -77,6 +78,24 @@ def attention_varlen(
                                       int(max_seqlen_k), float(softmax_scale), bool(causal),
                                       float(dropout_p), rng)
     return out
+
+
+def jagged_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=None):
+    """attention_varlen on torch's jagged nested tensors (layout=torch.jagged), as SDPA takes them:
+    (N, H, j, E) views of (N, j, H, E) nested tensors (ragged dim 2). Returns the same layout."""
+    def unpack(t, name):
+        if not (t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2):
+            raise ValueError(f"tx_kernels: nested `{name}` must be a jagged (N, H, j, E) tensor (a (N, j, H, E) "
+                             f"nested tensor with layout=torch.jagged, transposed), as for torch's SDPA")
+        packed = t.transpose(1, 2)
+        offsets = packed.offsets()
+        lengths = offsets.diff()
+        return packed.values(), offsets, cu_seqlens_from_lengths(lengths), int(lengths.max()) if lengths.numel() else 0
+
+    (q, offsets_q, cu_q, max_q), (k, _, cu_k, max_k), (v, _, _, _) = (
+        unpack(t, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
+    out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, is_causal)
+    return torch.nested.nested_tensor_from_jagged(out, offsets_q).transpose(1, 2)
 
 
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
