@@ -124,6 +124,9 @@ def _onnx_session():
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     so.inter_op_num_threads = 1
+    # Idle ORT threads otherwise spin after each run, taking the cores from whichever provider the
+    # interleaved rounds run next.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     _CACHE["onnx"] = ort.InferenceSession(opt, so, providers=["CPUExecutionProvider"])
     return _CACHE["onnx"]
 
