@@ -252,3 +252,26 @@ def test_transformer_encoder_layer_alone_padding_free(varlen_calls):
     (b * w).sum().backward()
     assert rel_err(xb.grad, xa.grad) < GRAD_TOL
     _assert_grads_match(_param_grads(ours), _param_grads(ref))
+
+
+def test_patched_hf_answers_packed_sequence_kwargs(varlen_calls):
+    """transformers' packed convention (as DataCollatorWithFlattening builds it): one row holding
+    several sequences, position ids restarting, cu_seq_lens kwargs. GPT-2 checks the causal case."""
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=None)
+    ref = transformers.GPT2LMHeadModel(cfg).double().eval()
+    ours = copy.deepcopy(ref)
+    tx_kernels.patch(ours)
+    lengths = [5, 1, 9]
+    seqs = [torch.randint(0, 101, (1, n)) for n in lengths]
+    cu = TF_cu(lengths)
+    with torch.no_grad():
+        b = ours(torch.cat(seqs, 1), position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+        a = torch.cat([ref(s).logits for s in seqs], 1)
+    assert len(varlen_calls) == 2
+    assert rel_err(b, a) < 1e-8  # the patched LayerNorms keep fp32 statistics, also for fp64
+
+
+def TF_cu(lengths):
+    return tx_kernels.functional.cu_seqlens_from_lengths(torch.tensor(lengths))
