@@ -79,35 +79,8 @@ struct Cuda {
   }
 };
 
-// Variable-length attention has no CUDA kernel yet: CUDA tensors get NotImplementedError naming
-// the op, not the dispatcher's generic "no kernel for backend" message or a silent host copy.
-void varlen_not_implemented(const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "tx_kernels: ", op,
-                              " has no CUDA kernel yet; run variable-length attention on CPU "
-                              "tensors, or the padded attention_fwd with a key-padding mask on CUDA");
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t, int64_t, double, bool, double, const std::optional<at::Tensor>&) {
-  varlen_not_implemented("attention_varlen_fwd");
-  return {};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool,
-    double, const std::optional<at::Tensor>&) {
-  varlen_not_implemented("attention_varlen_bwd");
-  return {};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tx_kernels, CUDA, m) {
-  DeviceOps<Cuda>::register_impls(m);
-  m.impl("attention_varlen_fwd", &attention_varlen_fwd_cuda);
-  m.impl("attention_varlen_bwd", &attention_varlen_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(tx_kernels, CUDA, m) { DeviceOps<Cuda>::register_impls(m); }
 
 }  // namespace tx_kernels::binding
