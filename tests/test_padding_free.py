@@ -275,3 +275,20 @@ def test_patched_hf_answers_packed_sequence_kwargs(varlen_calls):
 
 def TF_cu(lengths):
     return tx_kernels.functional.cu_seqlens_from_lengths(torch.tensor(lengths))
+
+
+def test_padding_free_training_with_dropout(varlen_calls):
+    hf = transformers.BertForSequenceClassification(
+        _hf_bert_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)).train()
+    tx_kernels.patch(hf)
+    ours = BertModel.from_hf(hf.bert).train()
+    ids, mask = _batch([10, 4, 1, 7], 10)
+    for model, run in ((hf, lambda: hf(ids, attention_mask=mask).logits),
+                       (ours, lambda: ours(ids, attention_mask=mask).last_hidden_state)):
+        varlen_calls.clear()
+        a, b = run(), run()
+        assert len(varlen_calls) == 4  # both calls packed
+        assert not torch.equal(a, b)  # dropout is drawn afresh
+        b.square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
