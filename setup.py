@@ -48,7 +48,7 @@ def extension():
     use_cuda = _want_cuda()
     cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"] + _cpu_isa_flags()
     sources = _rel("csrc/binding/registry.cpp") + _rel("csrc/binding/prepare.cpp")
-    sources += _rel("csrc/binding/cpu_ops.cpp") + _rel("csrc/cpu/*.cpp")
+    sources += _rel("csrc/binding/cpu_*.cpp") + _rel("csrc/cpu/*.cpp")
     # The CUDA emulator backend's operators (tx_kernels/emu.py builds and loads its library).
     sources += _rel("csrc/binding/emu_ops.cpp")
     kwargs = dict(extra_link_args=["-fopenmp", "-ldl"])

@@ -81,11 +81,21 @@ def scaled_dot_product_attention(
     Differences from torch: a query row that no key may attend to (decided by the mask and
     is_causal alone) gives 0 (torch gives NaN), and its gradients are 0. NaN or Inf anywhere else
     in the inputs, the mask or `scale` propagates as in torch. Double backward is not supported.
+    Jagged nested tensors (layout=torch.jagged, (N, H, j, E) as torch's SDPA takes them) run
+    attention_varlen on their packed values, with no mask and GQA implied by the head counts.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _require_tensor(t, name)
     if attn_mask is not None:
         _require_tensor(attn_mask, "attn_mask")
+    if query.is_nested or key.is_nested or value.is_nested:
+        # Jagged nested tensors, as torch's SDPA takes them: each sequence attends within itself.
+        if attn_mask is not None:
+            raise ValueError("tx_kernels: `attn_mask` cannot be combined with nested tensors (neither in torch)")
+        from .varlen import jagged_attention
+
+        _check_dropout_p(dropout_p)
+        return jagged_attention(query, key, value, dropout_p, is_causal, scale)
     if query.dim() not in (3, 4):
         raise ValueError(f"tx_kernels: `query` must have 3 (N, L, E) or 4 (N, H, L, E) dimensions, "
                          f"got shape {tuple(query.shape)}")
@@ -238,3 +248,9 @@ def feed_forward(
     hidden = F.linear(input, weight1)
     hidden = bias_act(hidden, bias1, activation, dropout_p)
     return F.linear(hidden, weight2, bias2)
+
+
+# Variable-length (packed) attention and its pack/unpack helpers (FlashAttention's varlen API).
+from .varlen import PackedBatch, attention_varlen, cu_seqlens_from_lengths, pad_input, unpad_input  # noqa: E402
+
+__all__ += ["attention_varlen", "cu_seqlens_from_lengths", "pad_input", "unpad_input", "PackedBatch"]

@@ -247,3 +247,53 @@ def _bias_act_backward(ctx, grad_out):
 torch.library.register_autograd("tx_kernels::bias_act_fwd", _bias_act_backward,
                                 setup_context=_bias_act_setup_context)
 _refuse_double_backward("bias_act")
+
+
+# ----------------------------------------------------------------------------------------------
+# Variable-length attention (packed batches; tx_kernels/varlen.py is the public API)
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("tx_kernels::attention_varlen_fwd")
+def _attention_varlen_fwd_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, scale, is_causal, dropout_p, rng):
+    _check_devices("query", query, key=key, value=value, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k)
+    total_q, heads = query.shape[0], query.shape[1]
+    out = query.new_empty((total_q, heads, value.shape[-1]))
+    lse = query.new_empty((heads, total_q), dtype=_acc_dtype(query))
+    return out, lse
+
+
+@torch.library.register_fake("tx_kernels::attention_varlen_bwd")
+def _attention_varlen_bwd_fake(grad_out, query, key, value, out, logsumexp, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+                               dropout_p, rng):
+    _check_devices("query", query, grad_out=grad_out, key=key, value=value, out=out,
+                   logsumexp=logsumexp, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            torch.empty_like(key, memory_format=torch.contiguous_format),
+            torch.empty_like(value, memory_format=torch.contiguous_format))
+
+
+def _attention_varlen_setup_context(ctx, inputs, output):
+    (query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+     dropout_p, rng) = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, rng)
+    ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+    ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_varlen_backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, cu_q, cu_k, rng = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = ops.attention_varlen_bwd(grad_out, query, key, value, out, lse, cu_q, cu_k,
+                                          ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.scale,
+                                          ctx.is_causal, ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tx_kernels::attention_varlen_fwd", _attention_varlen_backward,
+                                setup_context=_attention_varlen_setup_context)
+_refuse_double_backward("attention_varlen")

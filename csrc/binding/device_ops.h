@@ -177,9 +177,32 @@ struct DeviceOps {
     return {call.grad_input, finish_bias_grad(call)};
   }
 
+  // Variable-length attention has no CUDA kernel yet: NotImplementedError naming the op, not the
+  // dispatcher's generic "could not run with arguments from the backend" message.
+  static void varlen_not_implemented(const char* op) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "tx_kernels: ", op,
+                                " has no CUDA kernel yet; run variable-length attention on CPU "
+                                "tensors, or the padded attention_fwd with a key-padding mask on CUDA");
+  }
+  static std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      int64_t, int64_t, double, bool, double, const std::optional<at::Tensor>&) {
+    varlen_not_implemented("attention_varlen_fwd");
+    return {};
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool, double,
+      const std::optional<at::Tensor>&) {
+    varlen_not_implemented("attention_varlen_bwd");
+    return {};
+  }
+
   static void register_impls(torch::Library& m) {
     m.impl("attention_fwd", &attention_fwd);
     m.impl("attention_bwd", &attention_bwd);
+    m.impl("attention_varlen_fwd", &attention_varlen_fwd);
+    m.impl("attention_varlen_bwd", &attention_varlen_bwd);
     m.impl("layer_norm_fwd", &layer_norm_fwd);
     m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
     m.impl("layer_norm_bwd", &layer_norm_bwd);

@@ -91,6 +91,13 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                     " heads of `key`/`value`");
 }
 
+// The saved logsumexp has the statistics type of the inputs (params.h: fp64 for fp64).
+void check_logsumexp_dtype(const at::Tensor& logsumexp, const at::Tensor& query) {
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc_type(query.scalar_type()),
+                   "tx_kernels: `logsumexp` must be ", acc_type(query.scalar_type()), " for ",
+                   query.scalar_type(), " inputs, got ", logsumexp.scalar_type());
+}
+
 void fill_attention_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& mask, double scale,
                            bool is_causal, double dropout_p, const std::optional<at::Tensor>& rng) {
@@ -178,9 +185,7 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
     check_size(out, "out", d, expected_out[d], "as in (N, H, L, Ev)");
   }
   check_dim(logsumexp, "logsumexp", 3);
-  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc_type(query.scalar_type()),
-                   "tx_kernels: `logsumexp` must be ", acc_type(query.scalar_type()), " for ",
-                   query.scalar_type(), " inputs, got ", logsumexp.scalar_type());
+  check_logsumexp_dtype(logsumexp, query);
   TORCH_CHECK_VALUE(logsumexp.size(0) == N && logsumexp.size(1) == H && logsumexp.size(2) == L,
                     "tx_kernels: `logsumexp` must have shape (N, H, L) = (", N, ", ", H, ", ", L,
                     "), got ", logsumexp.sizes());
@@ -515,6 +520,206 @@ BiasActBwdCall prepare_bias_act_bwd(const at::Tensor& grad_out, const at::Tensor
 at::Tensor finish_bias_grad(const BiasActBwdCall& call) {
   if (!call.bias_arg.defined()) return at::empty({0}, call.grad_input.options());
   return call.grad_bias_acc.to(call.bias_arg.scalar_type());
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Variable-length attention (packed batches)
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// The offsets must tile the packed tensor exactly (0 .. total, non-decreasing): the kernels index
+// rows with them unchecked, so a bad offset would read or write outside the tensors.
+at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total,
+                            const char* total_name, int64_t max_seqlen, const char* max_name) {
+  check_defined(cu, name);
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "tx_kernels: `", name, "` must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "tx_kernels: `", name,
+                    "` must be 1-D with batch + 1 >= 1 elements, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_cpu(), "tx_kernels: `", name, "` must be a CPU tensor here, got one on ",
+                    cu.device());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "tx_kernels: `", max_name, "` must be >= 0, got ", max_seqlen);
+  at::Tensor c = cu.contiguous();
+  const int32_t* o = c.data_ptr<int32_t>();
+  const int64_t n = c.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(o[i] >= 0, "tx_kernels: `", name, "` has a negative offset ", o[i],
+                      " at index ", i);
+  }
+  TORCH_CHECK_VALUE(o[0] == 0, "tx_kernels: `", name, "` must start at 0, got ", o[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(o[i] >= o[i - 1], "tx_kernels: `", name,
+                      "` must be non-decreasing (cumulative sequence lengths), but index ", i,
+                      " holds ", o[i], " after ", o[i - 1]);
+  }
+  TORCH_CHECK_VALUE(o[n - 1] == total, "tx_kernels: the last offset of `", name, "` is ", o[n - 1],
+                    " but `", total_name, "` packs ", total, " rows; they must be equal");
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(o[i] - o[i - 1] <= max_seqlen, "tx_kernels: sequence ", i - 1, " of `", name,
+                      "` has length ", o[i] - o[i - 1], ", more than `", max_name, "` = ",
+                      max_seqlen);
+  }
+  return c;
+}
+
+void check_attention_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_defined(q, "query");
+  check_defined(k, "key");
+  check_defined(v, "value");
+  check_dim(q, "query", 3);
+  check_dim(k, "key", 3);
+  check_dim(v, "value", 3);
+  check_floating(q, "query");
+  check_same_dtype(k, "key", q, "query");
+  check_same_dtype(v, "value", q, "query");
+  check_same_device(k, "key", q, "query");
+  check_same_device(v, "value", q, "query");
+  check_size(v, "value", 0, k.size(0), "total key rows, as in key");
+  check_size(v, "value", 1, k.size(1), "heads, as in key");
+  check_size(k, "key", 2, q.size(2), "head dim, as in query");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "tx_kernels: `query` has ",
+                    q.size(1), " heads, which is not a multiple of the ", k.size(1),
+                    " heads of `key`/`value`");
+}
+
+// Strides of a packed (total, heads, dim) tensor as the kernels' (batch, head, row): the batch
+// stride is 0, the offsets locate each sequence's rows.
+void fill_packed_strides(const at::Tensor& t, int64_t* strides) {
+  strides[0] = 0;
+  strides[1] = t.stride(1);
+  strides[2] = t.stride(0);
+}
+
+void fill_attention_varlen(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                           int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                           bool is_causal, double dropout_p, const std::optional<at::Tensor>& rng) {
+  p.dtype = to_dtype(q.scalar_type());
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.batch = cu_q.numel() - 1;
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.q_len = max_seqlen_q;
+  p.kv_len = max_seqlen_k;
+  p.head_dim = q.size(2);
+  p.v_head_dim = v.size(2);
+  fill_packed_strides(q, p.q_stride);
+  fill_packed_strides(k, p.k_stride);
+  fill_packed_strides(v, p.v_stride);
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.scale = scale;
+  p.is_causal = is_causal;
+  p.dropout_p = dropout_p;
+  p.rng = read_rng(rng, dropout_p);
+}
+
+std::pair<at::Tensor, at::Tensor> checked_offsets(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& cu_seqlens_k,
+                                                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  at::Tensor cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), "query",
+                                     max_seqlen_q, "max_seqlen_q");
+  at::Tensor cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), "key",
+                                     max_seqlen_k, "max_seqlen_k");
+  TORCH_CHECK_VALUE(cu_k.numel() == cu_q.numel(), "tx_kernels: `cu_seqlens_k` has ", cu_k.numel(),
+                    " offsets but `cu_seqlens_q` has ", cu_q.numel(),
+                    "; both must hold batch + 1");
+  return {cu_q, cu_k};
+}
+
+}  // namespace
+
+AttentionVarlenFwdCall prepare_attention_varlen_fwd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng) {
+  check_attention_varlen_inputs(query, key, value);
+  check_dropout_p(dropout_p);
+  AttentionVarlenFwdCall call;
+  std::tie(call.cu_q, call.cu_k) =
+      checked_offsets(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  call.q = last_dim_contiguous(query);
+  call.k = last_dim_contiguous(key);
+  call.v = last_dim_contiguous(value);
+  const int64_t total_q = query.size(0), H = query.size(1);
+  call.out = at::empty({total_q, H, value.size(2)}, query.options());
+  call.lse = at::empty({H, total_q}, query.options().dtype(acc_type(query.scalar_type())));
+  auto& p = call.params;
+  fill_attention_varlen(p, call.q, call.k, call.v, call.cu_q, call.cu_k, max_seqlen_q,
+                        max_seqlen_k, scale, is_causal, dropout_p, rng);
+  p.out = call.out.data_ptr();
+  p.lse = call.lse.data_ptr();
+  fill_packed_strides(call.out, p.out_stride);
+  call.empty = call.lse.numel() == 0;  // no query row at all
+  return call;
+}
+
+AttentionVarlenBwdCall prepare_attention_varlen_bwd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& logsumexp,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng) {
+  check_attention_varlen_inputs(query, key, value);
+  check_dropout_p(dropout_p);
+  const int64_t total_q = query.size(0), H = query.size(1), Ev = value.size(2);
+  check_defined(grad_out, "grad_out");
+  check_same_dtype(grad_out, "grad_out", query, "query");
+  check_same_device(grad_out, "grad_out", query, "query");
+  check_defined(out, "out");
+  check_same_dtype(out, "out", query, "query");
+  check_same_device(out, "out", query, "query");
+  const int64_t expected_out[3] = {total_q, H, Ev};
+  check_dim(grad_out, "grad_out", 3);
+  check_dim(out, "out", 3);
+  for (int d = 0; d < 3; ++d) {
+    check_size(grad_out, "grad_out", d, expected_out[d], "as in (total_q, H, Ev)");
+    check_size(out, "out", d, expected_out[d], "as in (total_q, H, Ev)");
+  }
+  check_defined(logsumexp, "logsumexp");
+  check_logsumexp_dtype(logsumexp, query);
+  TORCH_CHECK_VALUE(logsumexp.dim() == 2 && logsumexp.size(0) == H && logsumexp.size(1) == total_q,
+                    "tx_kernels: `logsumexp` must have shape (H, total_q) = (", H, ", ", total_q,
+                    "), got ", logsumexp.sizes());
+  AttentionVarlenBwdCall call;
+  std::tie(call.cu_q, call.cu_k) =
+      checked_offsets(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  call.q = last_dim_contiguous(query);
+  call.k = last_dim_contiguous(key);
+  call.v = last_dim_contiguous(value);
+  call.out = last_dim_contiguous(out);
+  call.grad_out = last_dim_contiguous(grad_out);
+  call.lse = logsumexp.contiguous();
+  // The offsets tile every packed row, and the kernel writes each row of its sequence (zeros for
+  // keys no query reaches), so nothing needs clearing first.
+  call.dq = at::empty(query.sizes(), query.options());
+  call.dk = at::empty(key.sizes(), key.options());
+  call.dv = at::empty(value.sizes(), value.options());
+  auto& p = call.params;
+  fill_attention_varlen(p, call.q, call.k, call.v, call.cu_q, call.cu_k, max_seqlen_q,
+                        max_seqlen_k, scale, is_causal, dropout_p, rng);
+  p.out = const_cast<void*>(call.out.data_ptr());
+  fill_packed_strides(call.out, p.out_stride);
+  p.lse = call.lse.data_ptr();
+  p.grad_out = call.grad_out.data_ptr();
+  fill_packed_strides(call.grad_out, p.grad_out_stride);
+  p.dq = call.dq.data_ptr();
+  p.dk = call.dk.data_ptr();
+  p.dv = call.dv.data_ptr();
+  fill_packed_strides(call.dq, p.dq_stride);
+  fill_packed_strides(call.dk, p.dk_stride);
+  fill_packed_strides(call.dv, p.dv_stride);
+  if (total_q == 0) {  // no query row: no gradient reaches any key
+    call.dk.zero_();
+    call.dv.zero_();
+    call.empty = true;
+  }
+  return call;
 }
 
 }  // namespace tx_kernels::binding

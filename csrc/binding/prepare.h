@@ -44,6 +44,37 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
 // Reduces dmask_full to the mask's shape and dtype (or returns an empty tensor).
 at::Tensor finish_attention_mask_grad(const AttentionBwdCall& call);
 
+// Variable-length attention on a packed batch (flash_attn_varlen_func's layout): query
+// (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev), int32 CPU offsets
+// cu_seqlens_q/k (batch + 1 each, from 0 to total, non-decreasing) and the maximum lengths.
+// Outputs: out (total_q, H, Ev), lse (H, total_q) fp32; the backward's dq, dk, dv are contiguous.
+struct AttentionVarlenFwdCall {
+  AttentionParams params;
+  at::Tensor q, k, v, cu_q, cu_k;
+  at::Tensor out, lse;
+  bool empty = false;
+};
+
+AttentionVarlenFwdCall prepare_attention_varlen_fwd(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng);
+
+struct AttentionVarlenBwdCall {
+  AttentionBwdParams params;
+  at::Tensor q, k, v, out, grad_out, lse, cu_q, cu_k;
+  at::Tensor dq, dk, dv;
+  bool empty = false;
+};
+
+AttentionVarlenBwdCall prepare_attention_varlen_bwd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& logsumexp,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+    const std::optional<at::Tensor>& rng);
+
 struct LayerNormFwdCall {
   LayerNormParams params;
   at::Tensor input2d, residual2d, weight_acc, bias_acc;  // parameters in acc_type (checks.h)

@@ -27,6 +27,21 @@ void define_ops(torch::Library& m) {
       "Tensor logsumexp, Tensor? attn_mask, float scale, bool is_causal, float dropout_p, "
       "Tensor? rng, bool compute_mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // Variable-length attention on a packed batch, as flash_attn_varlen_func: query (total_q, H, E),
+  // key (total_k, Hkv, E), value (total_k, Hkv, Ev); cu_seqlens_q/k are int32 CPU offsets
+  // (batch + 1, from 0 to total_q / total_k), max_seqlen_q/k at least every sequence's length.
+  // Returns (out (total_q, H, Ev), logsumexp fp32 (H, total_q)).
+  m.def(
+      "attention_varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool is_causal, "
+      "float dropout_p, Tensor? rng) -> (Tensor, Tensor)");
+  // Returns (grad_query, grad_key, grad_value), contiguous.
+  m.def(
+      "attention_varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, bool is_causal, float dropout_p, Tensor? rng) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // LayerNorm over the trailing normalized_ndim dims. Returns (out, mean, rstd); mean and rstd
   // have one entry per normalized row, fp32 (fp64 for fp64 inputs).
   m.def(

@@ -12,6 +12,8 @@
 // Tiles are multiplied by the BLAS in gemm.h; fp32/fp64 tiles are read in place through their
 // strides, bf16/fp16 tiles are widened to fp32 first. Dropout regenerates its mask from the
 // Philox counter (philox.h), so nothing of size L x S is stored between forward and backward.
+// A packed variable-length batch (params.h, cu_seqlens_q/k) runs the same loops: each sequence
+// is located by its offsets instead of the batch stride, and blocks past its end are skipped.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -217,8 +219,8 @@ acc_t row_max(const acc_t* x, int64_t cols) {
 // Whether query row i of (n, h) may attend to any key, by the mask and causality alone. Fully
 // masked rows (output 0) are told apart from rows whose scores are NaN or all -inf (output NaN,
 // as torch) by this, never by the softmax sum. Only called for rows whose sum is not positive.
-bool row_has_key(const AttentionParams& p, int64_t n, int64_t h, int64_t i) {
-  const int64_t end = p.is_causal ? std::min(p.kv_len, i + 1) : p.kv_len;
+bool row_has_key(const AttentionParams& p, int64_t kv_len, int64_t n, int64_t h, int64_t i) {
+  const int64_t end = p.is_causal ? std::min(kv_len, i + 1) : kv_len;
   if (p.mask_kind == MaskKind::kNone || end <= 0) return end > 0;
   const int64_t off = n * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2];
   const int64_t st = p.mask_stride[3];
@@ -268,9 +270,29 @@ void scaled_scores(int64_t rows, int64_t cols, int64_t E, acc_t scale, const acc
   }
 }
 
-// Keys query row block [i0, i0 + rows) may see: all S, or 0..i_max under causal.
-int64_t kv_limit(const AttentionParams& p, int64_t i0, int64_t rows) {
-  return p.is_causal ? std::min(p.kv_len, i0 + rows) : p.kv_len;
+// Where sequence n lies in the tensors: its first query and key rows (0 in a padded batch, whose
+// batch strides locate it; the offsets of a packed one) and its lengths.
+struct Sequence {
+  int64_t q_row0, kv_row0, q_len, kv_len;
+};
+
+Sequence sequence(const AttentionParams& p, int64_t n) {
+  if (p.cu_seqlens_q == nullptr) return {0, 0, p.q_len, p.kv_len};
+  const int64_t q0 = p.cu_seqlens_q[n], k0 = p.cu_seqlens_k[n];
+  return {q0, k0, p.cu_seqlens_q[n + 1] - q0, p.cu_seqlens_k[n + 1] - k0};
+}
+
+// lse of row 0 of (n, h): (N, H, L) padded, (H, total_q) packed; in the accumulation type.
+template <typename acc_t>
+acc_t* lse_rows(const AttentionParams& p, const Sequence& seq, int64_t n, int64_t h) {
+  acc_t* lse = static_cast<acc_t*>(p.lse);
+  if (p.cu_seqlens_q == nullptr) return lse + (n * p.heads + h) * p.q_len;
+  return lse + h * static_cast<int64_t>(p.cu_seqlens_q[p.batch]) + seq.q_row0;
+}
+
+// Keys query row block [i0, i0 + rows) may see: all of the sequence's, or 0..i_max under causal.
+int64_t kv_limit(const AttentionParams& p, const Sequence& seq, int64_t i0, int64_t rows) {
+  return p.is_causal ? std::min(seq.kv_len, i0 + rows) : seq.kv_len;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,17 +322,21 @@ void attention_fwd_impl(const AttentionParams& p) {
       const int64_t h = (task / q_blocks) % H;
       const int64_t n = task / (q_blocks * H);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * bq, rows = std::min(bq, L - i0);
+      const Sequence seq = sequence(p, n);
+      const int64_t i0 = qb * bq;
+      if (i0 >= seq.q_len) continue;  // a packed sequence shorter than the longest
+      const int64_t rows = std::min(bq, seq.q_len - i0);
+      const int64_t q_row = seq.q_row0 + i0;
       int64_t ldq, ldk, ldv;
-      const acc_t* q = tile(q_all + n * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2],
+      const acc_t* q = tile(q_all + n * p.q_stride[0] + h * p.q_stride[1] + q_row * p.q_stride[2],
                             p.q_stride[2], rows, E, q_buf.data(), &ldq);
-      const scalar_t* k_nh = k_all + n * p.k_stride[0] + hk * p.k_stride[1];
-      const scalar_t* v_nh = v_all + n * p.v_stride[0] + hk * p.v_stride[1];
+      const scalar_t* k_nh = k_all + n * p.k_stride[0] + hk * p.k_stride[1] + seq.kv_row0 * p.k_stride[2];
+      const scalar_t* v_nh = v_all + n * p.v_stride[0] + hk * p.v_stride[1] + seq.kv_row0 * p.v_stride[2];
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf<acc_t>());
       std::fill(l.begin(), l.end(), acc_t(0));
 
-      const int64_t kv_end = kv_limit(p, i0, rows);
+      const int64_t kv_end = kv_limit(p, seq, i0, rows);
       for (int64_t j0 = 0; j0 < kv_end; j0 += bk) {
         const int64_t cols = std::min(bk, kv_end - j0);
         const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
@@ -342,12 +368,12 @@ void attention_fwd_impl(const AttentionParams& p) {
                     acc.data(), Ev);
       }
 
-      scalar_t* o = out_all + n * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-      acc_t* lse = static_cast<acc_t*>(p.lse) + (n * H + h) * L + i0;
+      scalar_t* o = out_all + n * p.out_stride[0] + h * p.out_stride[1] + q_row * p.out_stride[2];
+      acc_t* lse = lse_rows<acc_t>(p, seq, n, h) + i0;
       for (int64_t r = 0; r < rows; ++r) {
         // A sum that is not positive is 0 (no allowed key, or all allowed scores -inf) or NaN.
         const bool live = l[r] > acc_t(0);
-        const bool empty = !live && !row_has_key(p, n, h, i0 + r);
+        const bool empty = !live && !row_has_key(p, seq.kv_len, n, h, i0 + r);
         // A live row with sum 0 or NaN gets 0 / 0 or NaN, and lse = NaN so its gradients are NaN.
         // An empty row is written as zeros: its accumulator may hold NaN (a NaN score plus an
         // additive -inf mask is NaN).
@@ -400,21 +426,23 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
     std::vector<acc_t> q_buf(bq * E), do_buf(bq * Ev), o_row(Ev), k_buf(bk * E), v_buf(bk * Ev);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % Hkv, n = task / Hkv;
-      const scalar_t* k_nh = k_all + n * p.k_stride[0] + hk * p.k_stride[1];
-      const scalar_t* v_nh = v_all + n * p.v_stride[0] + hk * p.v_stride[1];
+      const Sequence seq = sequence(p, n);
+      const scalar_t* k_nh = k_all + n * p.k_stride[0] + hk * p.k_stride[1] + seq.kv_row0 * p.k_stride[2];
+      const scalar_t* v_nh = v_all + n * p.v_stride[0] + hk * p.v_stride[1] + seq.kv_row0 * p.v_stride[2];
       std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
 
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i0 = 0; i0 < L; i0 += bq) {
-          const int64_t rows = std::min(bq, L - i0);
+        for (int64_t i0 = 0; i0 < seq.q_len; i0 += bq) {
+          const int64_t rows = std::min(bq, seq.q_len - i0);
+          const int64_t q_row = seq.q_row0 + i0;
           int64_t ldq, ldo, ldk, ldv;
-          const acc_t* q = tile(q_all + n * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2],
+          const acc_t* q = tile(q_all + n * p.q_stride[0] + h * p.q_stride[1] + q_row * p.q_stride[2],
                                 p.q_stride[2], rows, E, q_buf.data(), &ldq);
           const acc_t* dout = tile(
-              do_all + n * p.grad_out_stride[0] + h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2],
+              do_all + n * p.grad_out_stride[0] + h * p.grad_out_stride[1] + q_row * p.grad_out_stride[2],
               p.grad_out_stride[2], rows, Ev, do_buf.data(), &ldo);
-          const acc_t* lse = static_cast<const acc_t*>(p.lse) + (n * H + h) * L + i0;
+          const acc_t* lse = lse_rows<acc_t>(p, seq, n, h) + i0;
           // delta = rowsum(dO * O): the softmax backward's correction term.
           if (exact_delta) {
             // As rowsum(P_drop * dP) over the very dP tiles the main pass recomputes, not from the
@@ -422,7 +450,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
             // the rounding of O (and a different summation order) dominated dq/dk, up to 80x the
             // error of torch's math backend, which computes delta this way in fp32.
             std::fill(delta.begin(), delta.end(), acc_t(0));
-            const int64_t kv_stop = kv_limit(p, i0, rows);
+            const int64_t kv_stop = kv_limit(p, seq, i0, rows);
             for (int64_t j0 = 0; j0 < kv_stop; j0 += bk) {
               const int64_t cols = std::min(bk, kv_stop - j0);
               const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
@@ -453,7 +481,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
               }
             }
           }
-          const scalar_t* o_blk = o_all + n * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+          const scalar_t* o_blk = o_all + n * p.out_stride[0] + h * p.out_stride[1] + q_row * p.out_stride[2];
           for (int64_t r = 0; r < rows && !exact_delta; ++r) {
             const scalar_t* orow = o_blk + r * p.out_stride[2];
             if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -465,7 +493,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
           }
           std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
-          const int64_t kv_end = kv_limit(p, i0, rows);
+          const int64_t kv_end = kv_limit(p, seq, i0, rows);
           for (int64_t j0 = 0; j0 < kv_end; j0 += bk) {
             const int64_t cols = std::min(bk, kv_end - j0);
             const BlockMask<acc_t> block_mask(p, n, h, j0, cols, mask_buf.data());
@@ -536,7 +564,7 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
             gemm<acc_t>(true, false, cols, E, rows, scale, dprobs.data(), bk, q, ldq, acc_t(1),
                         dk_acc.data() + j0 * E, E);
           }
-          scalar_t* dq = dq_all + n * p.dq_stride[0] + h * p.dq_stride[1] + i0 * p.dq_stride[2];
+          scalar_t* dq = dq_all + n * p.dq_stride[0] + h * p.dq_stride[1] + q_row * p.dq_stride[2];
           for (int64_t r = 0; r < rows; ++r) {
             // A fully masked row's dS is 0, but 0 times a NaN or Inf key is NaN in the GEMM: its
             // gradient is 0 by definition, so it is written as such.
@@ -549,9 +577,9 @@ void attention_bwd_impl(const AttentionBwdParams& p) {
           }
         }
       }
-      scalar_t* dk = dk_all + n * p.dk_stride[0] + hk * p.dk_stride[1];
-      scalar_t* dv = dv_all + n * p.dv_stride[0] + hk * p.dv_stride[1];
-      for (int64_t j = 0; j < S; ++j) {
+      scalar_t* dk = dk_all + n * p.dk_stride[0] + hk * p.dk_stride[1] + seq.kv_row0 * p.dk_stride[2];
+      scalar_t* dv = dv_all + n * p.dv_stride[0] + hk * p.dv_stride[1] + seq.kv_row0 * p.dv_stride[2];
+      for (int64_t j = 0; j < seq.kv_len; ++j) {
         store_row(dk_acc.data() + j * E, dk + j * p.dk_stride[2], E, acc_t(1));
         store_row(dv_acc.data() + j * Ev, dv + j * p.dv_stride[2], Ev, acc_t(1));
       }

@@ -58,6 +58,16 @@ struct AttentionParams {
   double dropout_p = 0.0;  // probability of dropping an attention probability
   DropoutRng rng;          // element index ((n * H + h) * L + i) * S + j
 
+  // Packed variable-length batch (flash_attn_varlen_func's layout), when cu_seqlens_q is set:
+  // sequence n is rows cu_seqlens_q[n] .. cu_seqlens_q[n + 1] of q and out and rows
+  // cu_seqlens_k[n] .. cu_seqlens_k[n + 1] of k and v (int32 offsets, batch + 1 of each; the
+  // batch strides are 0); lse is (H, total_q) with total_q = cu_seqlens_q[batch]. q_len and
+  // kv_len then hold the maximum lengths: they size the blocks and keep the dropout element index
+  // above, so a packed batch drops exactly what the padded op drops on the same batch padded to
+  // those lengths. No mask; is_causal is top-left aligned within each sequence.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
   // Filled by CUDA bindings from the device: kernels never query it themselves.
   int num_sms = 0;
   int64_t max_smem_per_block = 0;

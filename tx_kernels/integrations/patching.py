@@ -27,7 +27,14 @@ BERT (BertModel and its task heads):
 - every nn.LayerNorm -> tx_kernels.nn.LayerNorm;
 - GPT2MLP -> feed_forward (Conv1D weights read transposed, as views: no copies);
 - BertSelfOutput / BertOutput -> dense, dropout, then add_layer_norm (residual add + LN fused);
-  BertIntermediate -> GEMM + fused bias/GELU.
+  BertIntermediate -> GEMM + fused bias/GELU;
+- BertModel (alone or as the .bert of a task head) -> padding-free: given a padding mask with
+  padding, the real tokens are packed once after the embeddings and HF's encoder runs on them in
+  transformers' packed-sequence convention (cu_seq_lens_q/k kwargs, which the "tx_kernels"
+  attention function answers with attention_varlen); 0 at padded positions of last_hidden_state
+  (padding_free.py says why and when it falls back to the padded forward).
+A model that is not itself a Hugging Face model (e.g. a sentence-transformers SentenceTransformer)
+has the Hugging Face models inside it patched.
 GPT-2's residual adds stay in HF's GPT2Block.forward (fusing them means replacing the block's
 forward, whose signature changes between transformers releases).
 
@@ -38,7 +45,8 @@ The report is returned by patch(model, return_report=True), stored as model.tx_k
 and everything left alone is also announced with a warning.
 
 Numerical differences: fully masked query rows (e.g. left-padding positions) give 0 instead of
-HF's values; outputs at real tokens are unaffected.
+HF's values, and padding-free BERT gives 0 at every padded position; outputs at real tokens are
+unaffected.
 """
 import importlib.abc
 import importlib.util
@@ -55,6 +63,7 @@ from torch import nn
 from .. import functional as TF
 from .. import nn as tnn
 from ..models._common import HF_ACTIVATIONS
+from .padding_free import make_tx_bert_model, packed_attention_forward
 
 ATTN_IMPL = "tx_kernels"
 
@@ -119,6 +128,9 @@ def _tx_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         if kwargs.get(arg) is not None:
             raise NotImplementedError(f"tx_kernels: the `{arg}` attention argument is not supported; "
                                       f"use attn_implementation='eager' for this model")
+    if kwargs.get("cu_seq_lens_q") is not None:  # packed sequences (padding-free BERT, HF collators)
+        return packed_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                        is_causal, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' sdpa integration: the flag only when no mask was built and L > 1.
@@ -230,7 +242,11 @@ def _make_hf_classes():
     for cls in (TxGPT2MLP, TxBertIntermediate, TxBertSelfOutput, TxBertOutput):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
+    bert_model_args = ["input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                       "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "use_cache",
+                       "kwargs"]
     return {
+        mb.BertModel: (make_tx_bert_model(mb.BertModel), bert_model_args, ("embeddings", "encoder", "pooler")),
         mg.GPT2MLP: (TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout")),
         mb.BertIntermediate: (TxBertIntermediate, ["hidden_states"], ("dense",)),
         mb.BertSelfOutput: (TxBertSelfOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
@@ -319,6 +335,23 @@ def _patch_hf(model, family, act_name, report):
         report.patched.append(f"{name} ({type(m).__mro__[1].__name__})")
 
 
+def _patch_hf_inside(model, report):
+    """Patches the outermost Hugging Face models inside a wrapper (e.g. sentence-transformers)."""
+    inside = []
+    for name, m in model.named_modules():
+        if name and not any(name.startswith(outer + ".") for outer in inside):
+            family, act = _hf_family(m)
+            if family is None:
+                continue
+            inside.append(name)
+            if family in ("gpt2", "bert"):
+                report.patched.append(f"{name} ({type(m).__name__}, inside {type(model).__name__}):")
+                _patch_hf(m, family, act, report)
+            else:
+                report.left_alone.append((name, f"{type(m).__name__}: only Hugging Face GPT-2 and BERT "
+                                                f"models are patched"))
+
+
 def patch(model: nn.Module, return_report: bool = False, warn: bool = True):
     """Make `model` run on tx_kernels, in place (see the module docstring). Returns the model, or
     (model, PatchReport) with return_report=True. Parameters are shared, never copied."""
@@ -333,6 +366,8 @@ def patch(model: nn.Module, return_report: bool = False, warn: bool = True):
                                       f"patched (torch.nn Transformer modules inside are still patched); "
                                       f"its attention can run on tx_kernels with "
                                       f"model.set_attn_implementation('{ATTN_IMPL}')"))
+    else:
+        _patch_hf_inside(model, report)
     _patch_torch_nn(model, report)
     if not report.patched and not report.left_alone:
         report.left_alone.append(("", f"{type(model).__name__}: nothing tx_kernels can patch was found"))

@@ -6,6 +6,13 @@ word + token-type + position embeddings feeds an add_layer_norm too. Q, K and V 
 
 attention_mask is HF's (N, S) 0/1 key mask. Difference from HF: a sequence whose mask is all 0
 gives 0 attention outputs (HF's additive finfo.min mask spreads attention uniformly instead).
+
+Padding-free (the default for CPU inputs with padding): the real tokens are packed once after the
+embeddings, every GEMM, add+LayerNorm, bias+GELU and attention (attention_varlen) runs on them
+only, and last_hidden_state is padded back with 0 at padded positions. HF's padded path computes
+values there that depend on nothing the model promises (padded queries attending to the real
+keys); no consumer may read them, so real-token outputs and mean pooling are the same either way.
+The pooler reads position 0: when that is padding (left padding) the padded path runs instead.
 """
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -14,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as TF
+from ..varlen import PackedBatch
 from ..nn.normalization import LayerNorm
 from ._common import hf_activation, padding_mask_to_sdpa
 
@@ -104,12 +112,19 @@ class BertAttention(nn.Module):
         self.output = _AddNorm(c.hidden_size, c)
 
     def forward(self, x, mask):
-        N, S, E = x.shape
-        qkv = self.qkv(x).view(N, S, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        a = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                            dropout_p=self.attn_pdrop if self.training else 0.0)
-        a = self.output.dropout(self.output.dense(a.transpose(1, 2).reshape(N, S, E)))
+        """x (N, S, E) with a bool key mask (or None), or packed real tokens (T, E) with their
+        PackedBatch."""
+        p = self.attn_pdrop if self.training else 0.0
+        if isinstance(mask, PackedBatch):
+            q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+            a = mask.attention(q, k, v, dropout_p=p).reshape(x.shape)
+        else:
+            N, S, E = x.shape
+            qkv = self.qkv(x).view(N, S, 3, self.num_heads, self.head_dim)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            a = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            a = a.transpose(1, 2).reshape(N, S, E)
+        a = self.output.dropout(self.output.dense(a))
         ln = self.output.LayerNorm
         return TF.add_layer_norm(a, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
                                  return_residual=False)
@@ -146,16 +161,34 @@ class BertModel(nn.Module):
             self.pooler.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> BertOutput:
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                padding_free: Optional[bool] = None) -> BertOutput:
+        """padding_free: None (default) runs padding-free when attention_mask has padding, the
+        inputs are on the CPU (attention_varlen has no CUDA kernel yet) and, with a pooler, no row
+        starts with padding; True insists, False runs the padded path. See the module docstring
+        for what padded positions hold."""
         if input_ids.dim() != 2:
             raise ValueError(f"tx_kernels: `input_ids` must be (batch, seq_len), got {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"tx_kernels: `attention_mask` shape {tuple(attention_mask.shape)} must equal "
                              f"`input_ids` shape {tuple(input_ids.shape)}")
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        mask = padding_mask_to_sdpa(attention_mask)
+        if padding_free is None:
+            real = attention_mask.bool() if attention_mask is not None else None
+            padding_free = (real is not None and input_ids.device.type == "cpu" and not bool(real.all())
+                            # the pooler reads position 0, whose padded value only the padded path has
+                            and (self.pooler is None or bool(real[:, 0].all())))
+        if padding_free:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            mask = PackedBatch(attention_mask)
+            x = mask.pack(x)
+        else:
+            mask = padding_mask_to_sdpa(attention_mask)
         for layer in self.encoder.layer:
             x = layer(x, mask)
+        if padding_free:
+            x = mask.pad(x)
         pooled = None
         if self.pooler is not None:
             pooled = torch.tanh(self.pooler.dense(x[:, 0]))

@@ -10,10 +10,15 @@ Inside:
 - FFN: tx_kernels.functional.feed_forward (bias + activation + dropout fused) for ReLU/GELU
   activations; any other callable runs unfused as linear2(dropout(activation(linear1(x)))).
 
-Differences from torch.nn: fully masked query rows give 0 (torch: 0 or NaN depending on the path); no nested-tensor fast path
-(torch's eval-mode fast path writes 0 at padded query positions of TransformerEncoder outputs;
-here those positions hold ordinary values computed from the unpadded keys); dropout masks
-come from tx_kernels' generator (same distribution, different draws than torch for one seed).
+Padding-free encoders: TransformerEncoder and TransformerEncoderLayer given a boolean
+src_key_padding_mask (and no src_mask / is_causal) on CPU inputs pack the real tokens once, run
+every GEMM, add+LayerNorm, FFN and attention (attention_varlen) on them only, and return 0 at
+padded positions, as torch's nested-tensor fast path does (torch's padded path leaves values
+there that depend on nothing meaningful; outputs at real tokens are the same either way).
+
+Differences from torch.nn: fully masked query rows give 0 (torch: 0 or NaN depending on the path);
+no nested-tensor fast path (the padding-free path above takes its place, in training too); dropout
+masks come from tx_kernels' generator (same distribution, different draws than torch for one seed).
 """
 import copy
 from typing import Any, Callable, Optional, Union
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.init import xavier_uniform_
 
 from .. import functional as TF
+from ..varlen import PackedBatch
 from ._utils import detect_is_causal_mask, fused_activation_name, get_activation_fn
 from .activation import MultiheadAttention
 from .normalization import LayerNorm, add_norm, add_then_norm, apply_norm
@@ -82,7 +88,13 @@ class TransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _check_batch(src, "src")
-        x = src
+        packing = _packing([self], src, src_mask, src_key_padding_mask, is_causal)
+        if packing is not None:
+            return _run_packed(src, packing, self.self_attn.batch_first, lambda x: self._forward(x, None, packing, False))
+        return self._forward(src, src_mask, src_key_padding_mask, is_causal)
+
+    def _forward(self, x, src_mask, src_key_padding_mask, is_causal):
+        """The layer on (.., E) rows: padded with masks, or packed real tokens with their PackedBatch."""
         if self.norm_first:
             h = apply_norm(self.norm1, x)
             a = self.dropout1(self._sa(h, src_mask, src_key_padding_mask, is_causal))
@@ -94,8 +106,42 @@ class TransformerEncoderLayer(nn.Module):
         return add_then_norm(self.norm2, f, x)
 
     def _sa(self, x, attn_mask, key_padding_mask, is_causal):
+        if isinstance(key_padding_mask, PackedBatch):
+            return _packed_self_attention(self.self_attn, x, key_padding_mask)
         return self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                               need_weights=False, is_causal=is_causal)[0]
+
+
+def _packing(layers, src, src_mask, key_padding_mask, is_causal):
+    """The PackedBatch of the real tokens when these encoder layers can run padding-free, else None."""
+    if (src.dim() != 3 or src_mask is not None or is_causal or src.device.type != "cpu"
+            or not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool):
+        return None
+    for layer in layers:
+        if type(layer) is not TransformerEncoderLayer:
+            return None
+        mha = layer.self_attn
+        if (not isinstance(mha, MultiheadAttention) or not mha._qkv_same_embed_dim or mha.bias_k is not None
+                or mha.bias_v is not None or mha.add_zero_attn):
+            return None
+    if not bool(key_padding_mask.any()):
+        return None  # no padding: nothing to save
+    return PackedBatch(~key_padding_mask)  # torch's key padding mask is True at padding
+
+
+def _run_packed(src, packing, batch_first, run):
+    x = src if batch_first else src.transpose(0, 1)
+    out = packing.pad(run(packing.pack(x)))
+    return out if batch_first else out.transpose(0, 1)
+
+
+def _packed_self_attention(mha, x, packing):
+    """MultiheadAttention's self-attention on packed (T, E) real tokens."""
+    T, E = x.shape
+    H = mha.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(T, 3, H, E // H).unbind(1)
+    a = packing.attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0)
+    return F.linear(a.reshape(T, E), mha.out_proj.weight, mha.out_proj.bias)
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -186,6 +232,14 @@ class TransformerEncoder(nn.Module):
                 is_causal: Optional[bool] = None) -> Tensor:
         batch_first = getattr(getattr(self.layers[0], "self_attn", None), "batch_first", False)
         is_causal = detect_is_causal_mask(mask, is_causal, _seq_len(src, batch_first))
+        packing = _packing(self.layers, src, mask, src_key_padding_mask, is_causal)
+        if packing is not None:
+            def run(x):
+                for mod in self.layers:
+                    x = mod._forward(x, None, packing, False)
+                return self.norm(x) if self.norm is not None else x
+
+            return _run_packed(src, packing, batch_first, run)
         output = src
         for mod in self.layers:
             output = mod(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
