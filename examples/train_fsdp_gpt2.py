@@ -116,6 +116,7 @@ def main():
     out = model.generate(prompt, max_new_tokens=n, do_sample=True, temperature=0.8, top_k=10, generator=g)
     say("-" * 60)
     say("".join(chars[i] for i in out[0].tolist()))
+    dist.barrier()  # ranks leave together: gloo aborts a peer torn down mid-collective
     dist.destroy_process_group()
 
 

@@ -46,6 +46,9 @@ def _worker(rank, port, init_state, out_dir):
         opt.step()
         if rank == 0:
             torch.save({"grads": grads, "state": model.state_dict()}, os.path.join(out_dir, "rank0.pt"))
+        # Both ranks leave together: a rank tearing gloo down while its peer still has a pending
+        # collective aborts the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

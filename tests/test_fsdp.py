@@ -181,6 +181,7 @@ def _worker(rank, world, port, out_dir):
                 results[name] = traceback.format_exc()
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        dist.barrier()  # leave together (see tests/test_distributed.py)
     finally:
         dist.destroy_process_group()
 
