@@ -237,16 +237,17 @@ def _make_hf_classes():
     class TxBertOutput(mb.BertOutput):
         forward = _add_ln_forward
 
+    TxBertModel = make_tx_bert_model(mb.BertModel)
     # Pickling finds a class by module and qualified name: these must be module attributes (see
     # __getattr__ below), not the locals of this function.
-    for cls in (TxGPT2MLP, TxBertIntermediate, TxBertSelfOutput, TxBertOutput):
+    for cls in (TxBertModel, TxGPT2MLP, TxBertIntermediate, TxBertSelfOutput, TxBertOutput):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
     bert_model_args = ["input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
                        "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "use_cache",
                        "kwargs"]
     return {
-        mb.BertModel: (make_tx_bert_model(mb.BertModel), bert_model_args, ("embeddings", "encoder", "pooler")),
+        mb.BertModel: (TxBertModel, bert_model_args, ("embeddings", "encoder", "pooler")),
         mg.GPT2MLP: (TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout")),
         mb.BertIntermediate: (TxBertIntermediate, ["hidden_states"], ("dense",)),
         mb.BertSelfOutput: (TxBertSelfOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
@@ -255,7 +256,7 @@ def _make_hf_classes():
 
 
 _HF_CLASSES = None
-_HF_CLASS_NAMES = ("TxGPT2MLP", "TxBertIntermediate", "TxBertSelfOutput", "TxBertOutput")
+_HF_CLASS_NAMES = ("TxBertModel", "TxGPT2MLP", "TxBertIntermediate", "TxBertSelfOutput", "TxBertOutput")
 
 
 def _hf_classes():
