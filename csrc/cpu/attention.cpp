@@ -87,6 +87,19 @@ void apply_mask_row(const AttentionParams& p, int64_t n, int64_t h, int64_t i, i
   // not poison the row (adding would give NaN).
   auto add = [&](auto* m) {
     auto masked_add = [](acc_t s, acc_t b) { return b == neg_inf<acc_t>() ? b : s + b; };
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(m)>>, acc_t>) {
+      if (st == 1) {  // the common case: a mask of the accumulation type, contiguous keys
+        using V = at::vec::Vectorized<acc_t>;
+        const V ninf(neg_inf<acc_t>());
+        int64_t c = 0;
+        for (; c + V::size() <= cols; c += V::size()) {
+          const V b = V::loadu(m + c);
+          V::blendv(V::loadu(scores + c) + b, b, b == ninf).store(scores + c);
+        }
+        for (; c < cols; ++c) scores[c] = masked_add(scores[c], m[c]);
+        return;
+      }
+    }
     if (st == 1) {
       for (int64_t c = 0; c < cols; ++c) scores[c] = masked_add(scores[c], static_cast<acc_t>(m[c]));
     } else {
