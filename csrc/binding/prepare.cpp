@@ -69,26 +69,33 @@ at::Tensor broadcast_mask(const at::Tensor& mask, const at::Tensor& query, int64
   return mask.expand({N, H, L, S});
 }
 
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// What padded (N, H, L, E) and packed (total, H, E) attention inputs share: `dims` dimensions,
+// one floating dtype and device, heads at dimension 1 (the query's a multiple of the key's), one
+// query/key head dim last.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
   check_defined(q, "query");
   check_defined(k, "key");
   check_defined(v, "value");
-  check_dim(q, "query", 4);
-  check_dim(k, "key", 4);
-  check_dim(v, "value", 4);
+  check_dim(q, "query", dims);
+  check_dim(k, "key", dims);
+  check_dim(v, "value", dims);
   check_floating(q, "query");
   check_same_dtype(k, "key", q, "query");
   check_same_dtype(v, "value", q, "query");
   check_same_device(k, "key", q, "query");
   check_same_device(v, "value", q, "query");
-  check_size(k, "key", 0, q.size(0), "batch, as in query");
-  check_size(v, "value", 0, q.size(0), "batch, as in query");
   check_size(v, "value", 1, k.size(1), "heads, as in key");
-  check_size(v, "value", 2, k.size(2), "sequence length, as in key");
-  check_size(k, "key", 3, q.size(3), "head dim, as in query");
+  check_size(k, "key", dims - 1, q.size(dims - 1), "head dim, as in query");
   TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "tx_kernels: `query` has ",
                     q.size(1), " heads, which is not a multiple of the ", k.size(1),
                     " heads of `key`/`value`");
+}
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qkv(q, k, v, 4);
+  check_size(k, "key", 0, q.size(0), "batch, as in query");
+  check_size(v, "value", 0, q.size(0), "batch, as in query");
+  check_size(v, "value", 2, k.size(2), "sequence length, as in key");
 }
 
 // The saved logsumexp has the statistics type of the inputs (params.h: fp64 for fp64).
@@ -564,23 +571,8 @@ at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t tota
 }
 
 void check_attention_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_defined(q, "query");
-  check_defined(k, "key");
-  check_defined(v, "value");
-  check_dim(q, "query", 3);
-  check_dim(k, "key", 3);
-  check_dim(v, "value", 3);
-  check_floating(q, "query");
-  check_same_dtype(k, "key", q, "query");
-  check_same_dtype(v, "value", q, "query");
-  check_same_device(k, "key", q, "query");
-  check_same_device(v, "value", q, "query");
+  check_qkv(q, k, v, 3);
   check_size(v, "value", 0, k.size(0), "total key rows, as in key");
-  check_size(v, "value", 1, k.size(1), "heads, as in key");
-  check_size(k, "key", 2, q.size(2), "head dim, as in query");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "tx_kernels: `query` has ",
-                    q.size(1), " heads, which is not a multiple of the ", k.size(1),
-                    " heads of `key`/`value`");
 }
 
 // Strides of a packed (total, heads, dim) tensor as the kernels' (batch, head, row): the batch
