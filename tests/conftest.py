@@ -61,6 +61,12 @@ def checkpoint_forward(module, use_reentrant):
     module.forward = lambda *args: checkpoint(orig, *args, use_reentrant=use_reentrant)
 
 
+def ulp_floor(ref, dtype):
+    """4 ulps (in `dtype`) of the reference's largest magnitude: the absolute slack of the
+    project's low-precision rule (README: 2x stock torch's error plus 4 ulps of the scale)."""
+    return 4 * torch.finfo(dtype).eps * max(ref.abs().max().item() if ref.numel() else 0.0, 1e-3)
+
+
 def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=1e-6, name=""):
     """FlashAttention's rule: our max error vs the reference is at most factor x stock torch's."""
     ours_err = max_abs_err(ours, ref)

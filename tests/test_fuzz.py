@@ -27,6 +27,8 @@ import tx_kernels.functional as TF
 import tx_kernels.reference as R
 from tx_kernels.ops import ops
 
+from conftest import ulp_floor
+
 f64 = torch.float64
 LOW = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -44,10 +46,6 @@ def _max_err(x, ref):
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
-def _ulp_floor(ref, dtype):
-    return 4 * torch.finfo(dtype).eps * max(ref.abs().max().item() if ref.numel() else 0.0, 1e-3)
-
-
 def _check(ours, ref, torch_same, dtype, what, fwd, floor=0.0, abs_scale=0.0):
     """floor / abs_scale: the smallest norm the relative error is taken against (fp32/fp64) and
     the magnitude whose ulps bound the absolute error (fp16/bf16): a gradient that is 0 in exact
@@ -58,7 +56,7 @@ def _check(ours, ref, torch_same, dtype, what, fwd, floor=0.0, abs_scale=0.0):
     if low is not None:  # (a mask gradient of any dtype follows the inputs' precision)
         if torch_same is None:  # no torch counterpart: the reference rounded to the dtype
             torch_same = ref.to(low)
-        limit = 2.0 * _max_err(torch_same, ref) + _ulp_floor(ref, low) + \
+        limit = 2.0 * _max_err(torch_same, ref) + ulp_floor(ref, low) + \
             4 * torch.finfo(low).eps * abs_scale
         err = _max_err(ours, ref)
         assert err <= limit, f"{what}: max error {err:.3e} > 2x torch's {_max_err(torch_same, ref):.3e} + floor"
