@@ -98,6 +98,23 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   check_size(v, "value", 2, k.size(2), "sequence length, as in key");
 }
 
+// The backward's tensors of a padded or packed call into its params; `strides` gives a tensor's
+// (batch, head, row) strides as the kernels read them.
+template <typename Call>
+void fill_bwd_tensors(AttentionBwdParams& p, const Call& call, void (*strides)(const at::Tensor&, int64_t*)) {
+  p.out = const_cast<void*>(call.out.data_ptr());
+  strides(call.out, p.out_stride);
+  p.lse = call.lse.data_ptr();
+  p.grad_out = call.grad_out.data_ptr();
+  strides(call.grad_out, p.grad_out_stride);
+  p.dq = call.dq.data_ptr();
+  p.dk = call.dk.data_ptr();
+  p.dv = call.dv.data_ptr();
+  strides(call.dq, p.dq_stride);
+  strides(call.dk, p.dk_stride);
+  strides(call.dv, p.dv_stride);
+}
+
 // The saved logsumexp has the statistics type of the inputs (params.h: fp64 for fp64).
 void check_logsumexp_dtype(const at::Tensor& logsumexp, const at::Tensor& query) {
   TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc_type(query.scalar_type()),
@@ -217,17 +234,7 @@ AttentionBwdCall prepare_attention_bwd(const at::Tensor& grad_out, const at::Ten
 
   auto& p = call.params;
   fill_attention_common(p, call.q, call.k, call.v, call.mask, scale, is_causal, dropout_p, rng);
-  p.out = const_cast<void*>(call.out.data_ptr());
-  fill_strides3(call.out, p.out_stride);
-  p.lse = call.lse.data_ptr();
-  p.grad_out = call.grad_out.data_ptr();
-  fill_strides3(call.grad_out, p.grad_out_stride);
-  p.dq = call.dq.data_ptr();
-  p.dk = call.dk.data_ptr();
-  p.dv = call.dv.data_ptr();
-  fill_strides3(call.dq, p.dq_stride);
-  fill_strides3(call.dk, p.dk_stride);
-  fill_strides3(call.dv, p.dv_stride);
+  fill_bwd_tensors(p, call, fill_strides3);
   if (compute_mask_grad) {
     call.dmask_full = at::zeros({N, H, L, S}, query.options().dtype(acc_type(query.scalar_type())));
     p.dmask = call.dmask_full.data_ptr();
@@ -695,17 +702,7 @@ AttentionVarlenBwdCall prepare_attention_varlen_bwd(
   auto& p = call.params;
   fill_attention_varlen(p, call.q, call.k, call.v, call.cu_q, call.cu_k, max_seqlen_q,
                         max_seqlen_k, scale, is_causal, dropout_p, rng);
-  p.out = const_cast<void*>(call.out.data_ptr());
-  fill_packed_strides(call.out, p.out_stride);
-  p.lse = call.lse.data_ptr();
-  p.grad_out = call.grad_out.data_ptr();
-  fill_packed_strides(call.grad_out, p.grad_out_stride);
-  p.dq = call.dq.data_ptr();
-  p.dk = call.dk.data_ptr();
-  p.dv = call.dv.data_ptr();
-  fill_packed_strides(call.dq, p.dq_stride);
-  fill_packed_strides(call.dk, p.dk_stride);
-  fill_packed_strides(call.dv, p.dv_stride);
+  fill_bwd_tensors(p, call, fill_packed_strides);
   if (total_q == 0) {  // no query row: no gradient reaches any key
     call.dk.zero_();
     call.dv.zero_();
