@@ -76,6 +76,19 @@ def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=
         f"{name}: max error {ours_err:.3e} vs stock torch {torch_err:.3e} (allowed {factor}x + {atol})")
 
 
+def assert_attention_within_torch_error(out, torch_out, ref, ours_in, torch_in, ref_in):
+    """The 2x rule for an attention output and the gradients of its (q, k, v): ours from
+    `ours_in`, stock torch's in the same precision from `torch_in`, the float64 reference's from
+    `ref_in`, all for the same random output gradient."""
+    assert_within_torch_error(out, torch_out, ref, name="out")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, ours_in, grad)
+    theirs = torch.autograd.grad(torch_out, torch_in, grad)
+    want = torch.autograd.grad(ref, ref_in, grad.double())
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, theirs, want):
+        assert_within_torch_error(a, b, c, name=name)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs every run, but reproducible from the printed seed on failure.

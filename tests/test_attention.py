@@ -12,7 +12,7 @@ import tx_kernels.functional as TF
 from tx_kernels import reference as R
 from tx_kernels.ops import ops
 
-from conftest import assert_within_torch_error, devices, rel_err
+from conftest import assert_attention_within_torch_error, assert_within_torch_error, devices, rel_err
 
 # Every CPU output is allocated junk-filled (NaN): an element the kernel misses fails the test.
 pytestmark = pytest.mark.usefixtures("poison")
@@ -131,13 +131,7 @@ def test_low_precision_within_2x_torch_error(dtype, device, is_causal):
     full_mask = mask if not is_causal else mask.masked_fill(~causal_mask, float("-inf"))
     qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch_out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=full_mask)
-    assert_within_torch_error(out, torch_out, ref, name="out")
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    theirs = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
-    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    for name, a, b, c in zip(("dq", "dk", "dv"), got, theirs, want):
-        assert_within_torch_error(a, b, c, name=name)
+    assert_attention_within_torch_error(out, torch_out, ref, (q, k, v), (qt, kt, vt), (q64, k64, v64))
 
 
 @pytest.mark.parametrize("device", devices())
