@@ -630,6 +630,19 @@ std::pair<at::Tensor, at::Tensor> checked_offsets(const at::Tensor& q, const at:
   return {cu_q, cu_k};
 }
 
+// What both directions read of a packed batch: the checked offsets and q, k, v with a
+// contiguous last dimension.
+template <typename Call>
+void take_varlen_inputs(Call& call, const at::Tensor& query, const at::Tensor& key,
+                        const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+                        const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  std::tie(call.cu_q, call.cu_k) =
+      checked_offsets(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  call.q = last_dim_contiguous(query);
+  call.k = last_dim_contiguous(key);
+  call.v = last_dim_contiguous(value);
+}
+
 }  // namespace
 
 AttentionVarlenFwdCall prepare_attention_varlen_fwd(
@@ -640,11 +653,7 @@ AttentionVarlenFwdCall prepare_attention_varlen_fwd(
   check_attention_varlen_inputs(query, key, value);
   check_dropout_p(dropout_p);
   AttentionVarlenFwdCall call;
-  std::tie(call.cu_q, call.cu_k) =
-      checked_offsets(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  call.q = last_dim_contiguous(query);
-  call.k = last_dim_contiguous(key);
-  call.v = last_dim_contiguous(value);
+  take_varlen_inputs(call, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = query.size(0), H = query.size(1);
   call.out = at::empty({total_q, H, value.size(2)}, query.options());
   call.lse = at::empty({H, total_q}, query.options().dtype(acc_type(query.scalar_type())));
@@ -686,11 +695,7 @@ AttentionVarlenBwdCall prepare_attention_varlen_bwd(
                     "tx_kernels: `logsumexp` must have shape (H, total_q) = (", H, ", ", total_q,
                     "), got ", logsumexp.sizes());
   AttentionVarlenBwdCall call;
-  std::tie(call.cu_q, call.cu_k) =
-      checked_offsets(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  call.q = last_dim_contiguous(query);
-  call.k = last_dim_contiguous(key);
-  call.v = last_dim_contiguous(value);
+  take_varlen_inputs(call, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   call.out = last_dim_contiguous(out);
   call.grad_out = last_dim_contiguous(grad_out);
   call.lse = logsumexp.contiguous();
