@@ -62,7 +62,7 @@ from torch import nn
 
 from .. import functional as TF
 from .. import nn as tnn
-from ..models._common import HF_ACTIVATIONS
+from .. import _activations
 from .padding_free import make_tx_bert_model, packed_attention_forward
 
 ATTN_IMPL = "tx_kernels"
@@ -312,7 +312,7 @@ def _patch_hf(model, family, act_name, report):
     else:
         report.left_alone.append(("attention", f"{err} (transformers {transformers.__version__})"))
 
-    tx_act = HF_ACTIVATIONS.get(act_name) if isinstance(act_name, str) else None
+    tx_act = _activations.HF.get(act_name) if isinstance(act_name, str) else None
     classes = _hf_classes()
     for name, m in model.named_modules():
         if type(m) is nn.LayerNorm:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from .. import functional as TF
 from ..varlen import PackedBatch
 from ..nn.normalization import LayerNorm
-from ._common import hf_activation, padding_mask_to_sdpa
+from .._activations import hf_kernel_name
+from ._common import padding_mask_to_sdpa
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"tx_kernels: `hidden_size` ({self.hidden_size}) must be divisible by "
                              f"`num_attention_heads` ({self.num_attention_heads})")
-        hf_activation(self.hidden_act, "hidden_act")
+        hf_kernel_name(self.hidden_act, "hidden_act")
 
     @classmethod
     def from_hf(cls, hf_config) -> "BertConfig":
@@ -137,7 +138,7 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(c.hidden_size, c.intermediate_size)
         self.output = _AddNorm(c.intermediate_size, c)
-        self.act = hf_activation(c.hidden_act, "hidden_act")
+        self.act = hf_kernel_name(c.hidden_act, "hidden_act")
 
     def forward(self, x, mask):
         x = self.attention(x, mask)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import functional as TF
 from ..nn.normalization import LayerNorm
-from ._common import hf_activation
+from .._activations import hf_kernel_name
 
 
 @dataclass
@@ -49,7 +49,7 @@ class GPT2Config:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"tx_kernels: `n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head})")
-        hf_activation(self.activation_function, "activation_function")
+        hf_kernel_name(self.activation_function, "activation_function")
 
     @classmethod
     def from_hf(cls, hf_config) -> "GPT2Config":
@@ -123,7 +123,7 @@ class GPT2MLP(nn.Module):
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, inner)
         self.c_proj = nn.Linear(inner, config.n_embd)
-        self.act = hf_activation(config.activation_function, "activation_function")
+        self.act = hf_kernel_name(config.activation_function, "activation_function")
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, h):
