@@ -62,6 +62,7 @@ from torch import nn
 
 from .. import functional as TF
 from .. import nn as tnn
+from ..nn.normalization import add_then_norm
 from .. import _activations
 from .padding_free import make_tx_bert_model, packed_attention_forward
 
@@ -226,10 +227,7 @@ def _make_hf_classes():
             return TF.bias_act(F.linear(hidden_states, self.dense.weight), self.dense.bias, self._tx_act)
 
     def _add_ln_forward(self, hidden_states, input_tensor):
-        h = self.dropout(self.dense(hidden_states))
-        ln = self.LayerNorm
-        return TF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
     class TxBertSelfOutput(mb.BertSelfOutput):
         forward = _add_ln_forward

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as TF
-from ..varlen import PackedBatch
-from ..nn.normalization import LayerNorm
 from .._activations import hf_kernel_name
+from ..nn.normalization import LayerNorm, add_then_norm
+from ..varlen import PackedBatch
 from ._common import padding_mask_to_sdpa
 
 
@@ -88,10 +88,7 @@ class BertEmbeddings(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         pos = self.position_embeddings(position_ids).expand_as(x)
-        ln = self.LayerNorm
-        out = TF.add_layer_norm(x, pos, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                return_residual=False)
-        return self.dropout(out)
+        return self.dropout(add_then_norm(self.LayerNorm, x, pos))
 
 
 class _AddNorm(nn.Module):
@@ -126,9 +123,7 @@ class BertAttention(nn.Module):
             a = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(N, S, E)
         a = self.output.dropout(self.output.dense(a))
-        ln = self.output.LayerNorm
-        return TF.add_layer_norm(a, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.output.LayerNorm, a, x)
 
 
 class BertLayer(nn.Module):
@@ -144,9 +139,7 @@ class BertLayer(nn.Module):
         x = self.attention(x, mask)
         d1, d2 = self.intermediate.dense, self.output.dense
         f = self.output.dropout(TF.feed_forward(x, d1.weight, d1.bias, d2.weight, d2.bias, self.act))
-        ln = self.output.LayerNorm
-        return TF.add_layer_norm(f, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.output.LayerNorm, f, x)
 
 
 class BertModel(nn.Module):
