@@ -88,6 +88,16 @@ class _Backend:
 
 BE = _Backend()
 
+# torch.library.opcheck (schema, fake kernel, autograd registration) and torch.compile need an
+# op's fake kernel, which the tx_kernels ops have (cpu, cuda). The emulator's tx_kernels_emu ops
+# have none: they exist to run the CUDA binding on CPU tensors under the tx_kernels schema, and on
+# the emulator the numerical cases of each op file check that binding (output shapes, dtypes,
+# strides and values) and the autograd formulas of tx_kernels.ops instead.
+registered_ops = pytest.mark.backends("cpu", "cuda")
+# The CUDA binding has fp64 kernels for attention only; the memory-bound ops' fp64 cases run on
+# the CPU kernels (each file's test_fp64_rejected_on_cuda checks the error names the argument).
+fp64_on_cpu = pytest.mark.collect_if(lambda p: p.get("dtype") != torch.float64 or p["backend"] == "cpu")
+
 # Per-backend case counters for the session summary (conftest.pytest_terminal_summary).
 CASES = {}
 

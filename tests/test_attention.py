@@ -32,17 +32,11 @@ from tx_kernels.reference import philox_words
 
 from attention_refs import attention_inputs, check_lse, make_mask, ref_fwd, torch_low_precision
 from conftest import assert_attention_within_torch_error, assert_within_torch_error, rel_err
-from cuda_backends import BE, CPU_OPS, allocation_sizes, philox_keep
+from cuda_backends import BE, CPU_OPS, allocation_sizes, philox_keep, registered_ops
 
 pytestmark = pytest.mark.usefixtures("backend")
 gpu_only = pytest.mark.gpu_only
 emu_only = pytest.mark.emu_only
-# torch.library.opcheck (schema, fake kernel, autograd registration) and torch.compile need the
-# op's fake kernel, which the tx_kernels ops have (cpu, cuda). The emulator's tx_kernels_emu ops
-# have none: they exist to run the CUDA binding on CPU tensors under the tx_kernels schema, and
-# on the emulator the numerical cases of this file check that binding (output shapes, dtypes,
-# strides and values) and the autograd formulas of tx_kernels.ops instead.
-registered_ops = pytest.mark.backends("cpu", "cuda")
 
 LOW = [torch.float16, torch.bfloat16]
 # The CUDA forward rounds `scale` to fp32 in its fp64 path (issue 13 item, being fixed in
