@@ -138,9 +138,9 @@ def add_layer_norm(
     """residual_out = input + residual; returns (layer_norm(residual_out), residual_out).
 
     One pass over memory. Pre-LN blocks carry residual_out as the new residual stream. Post-LN
-    blocks need only the first output: with return_residual=False the sum is never written to
-    memory (a quarter less traffic) and only layer_norm(input + residual) is returned, the fused
-    form of F.layer_norm(input + residual, ...).
+    blocks need only the first output: with return_residual=False the sum is not returned and not
+    materialized (no residual_out is stored: a quarter less memory traffic), and only
+    layer_norm(input + residual) is returned, the fused form of F.layer_norm(input + residual, ...).
     """
     require_tensor(input, "input")
     require_tensor(residual, "residual")
@@ -197,7 +197,7 @@ def feed_forward(
     for name, t in (("input", input), ("weight1", weight1), ("weight2", weight2)):
         require_tensor(t, name)
     if input.dim() < 1:
-        raise ValueError(f"tx_kernels: `input` must have at least 1 dimension (features last), "
+        raise ValueError("tx_kernels: `input` must have at least 1 dimension (features last), "
                          "got a 0-dimensional tensor")
     if weight1.dim() != 2 or weight2.dim() != 2:
         raise ValueError(f"tx_kernels: `weight1` and `weight2` must be 2-D, got shapes "
