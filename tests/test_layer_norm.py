@@ -80,14 +80,9 @@ def test_large_mean_is_accurate():
     x = torch.randn(64, 768, device=BE.device) * 0.5 + 1000.0
     ref = R.layer_norm(x.double())
     ours = TF.layer_norm(x, (768,))
-    # The CPU kernels subtract a mean held in more than fp32 precision; the CUDA kernels subtract
-    # the fp32-rounded mean (half an ulp of 1000 against a std of 0.5: ~1e-4 relative).
-    assert rel_err(ours, ref) < (1e-5 if BE.cpu else 2e-4)
-    # Stock torch on the same device. Not on the emulator: there that is torch's CPU layer_norm,
-    # whose cascade-summed moments beat an fp32 GPU-style kernel on this input (the emulated
-    # kernel measured up to 2.2x its max error over 400 seeds).
-    if not BE.emu:
-        assert_within_torch_error(ours, F.layer_norm(x, (768,)), ref, name="offset")
+    # Every kernel takes the moments of x - x[0], so the mean far from 0 costs no precision.
+    assert rel_err(ours, ref) < 1e-5
+    assert_within_torch_error(ours, F.layer_norm(x, (768,)), ref, name="offset")
 
 
 @pytest.mark.parametrize("shape,normalized", [((4, 6, 5, 7), (5, 7)), ((3, 2, 3, 4), (2, 3, 4)), ((9, 13), (9, 13))])

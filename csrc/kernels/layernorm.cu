@@ -9,9 +9,12 @@
 //      rounded to T (the residual_out it returns, and what x + r in T would give).
 //      Chunks are VEC elements, 16 bytes when pointers/strides allow, else single elements;
 //      chunk c of the row goes to thread c % tpr (coalesced), so a thread holds ITEMS chunks.
-//   2. mean = sum(s) / cols, then var = sum((s - mean)^2) / cols from the registers (two-pass, no
-//      E[x^2] - E[x]^2 cancellation), both as fixed-order group reductions.
-//   3. residual_out = s (when wanted), out = (s - mean) * rstd * w + b, mean/rstd.
+//   2. the moments of s - s0 (s0 the row's first value, read by every thread): m = sum(s - s0) /
+//      cols, then var = sum((s - s0 - m)^2) / cols from the registers (two-pass, no E[x^2] - E[x]^2
+//      cancellation), both as fixed-order group reductions. The shift keeps a mean far from 0
+//      (|mean| >> std) from costing precision: an fp32 mean of ~1000 alone is off by half an ulp,
+//      1e-4 of a std of 0.5. The saved mean is s0 + m.
+//   3. residual_out = s (when wanted), out = (s - s0 - m) * rstd * w + b, mean/rstd.
 //   Normalizing the rounded sum, not the fp32 one, keeps the forward consistent with the backward,
 //   which reads that sum back (residual_out): with few columns rstd is large enough to turn the
 //   difference between the two into wrong gradients (the CPU kernel does the same).
@@ -88,6 +91,14 @@ __device__ __forceinline__ float rstd_of(float var, float eps) {
   return var == __builtin_huge_valf() ? __builtin_nanf("") : rsqrtf(var + eps);
 }
 
+// s at column 0 of `row`: input (+ residual, rounded to T as the sum the forward returns).
+template <typename T>
+__device__ __forceinline__ float normalized_first(const LayerNormParams& p, int64_t row) {
+  const float x = to_float(static_cast<const T*>(p.input)[row * p.input_row_stride]);
+  if (p.residual == nullptr) return x;
+  return round_to<T>(x + to_float(static_cast<const T*>(p.residual)[row * p.residual_row_stride]));
+}
+
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(fwd_max_threads(VEC, ITEMS))
 layer_norm_fwd_kernel(const LayerNormParams p) {
@@ -145,13 +156,17 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
       }
     }
 
+    const float shift = row_ok ? normalized_first<T>(p, row) : 0.0f;
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
+      const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
+      if (c < n) {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) sum += s[k][v];  // absent chunks hold 0
+        for (int v = 0; v < VEC; ++v) sum += s[k][v] - shift;
+      }
     }
-    const float mean = group_reduce_sum(sum, red) * inv_cols;
+    const float mean_shifted = group_reduce_sum(sum, red) * inv_cols;
 
     float sq = 0.0f;
 #pragma unroll
@@ -160,7 +175,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
       if (c < n) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const float d = (s[k][v] - mean) * inv_sqrt_cols;
+          const float d = (s[k][v] - shift - mean_shifted) * inv_sqrt_cols;
           sq += d * d;
         }
       }
@@ -169,7 +184,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
 
     if (row_ok) {
       if (threadIdx.x == 0) {
-        static_cast<float*>(p.mean)[row] = mean;
+        static_cast<float*>(p.mean)[row] = shift + mean_shifted;
         static_cast<float*>(p.rstd)[row] = rstd;
       }
       T* o_row = out + row * p.cols;
@@ -194,7 +209,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
           }
           float y[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) y[v] = (s[k][v] - mean) * rstd * w[v] + b[v];
+          for (int v = 0; v < VEC; ++v) y[v] = (s[k][v] - shift - mean_shifted) * rstd * w[v] + b[v];
           store_vec<T, VEC>(o_row + c * VEC, y);
         }
       }
@@ -223,17 +238,18 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
       const float x = to_float(x_row[c]);
       return r_row != nullptr ? round_to<T>(x + to_float(r_row[c])) : x;
     };
+    const float shift = normalized_first<T>(p, row);  // as in the register path
     float sum = 0.0f;
-    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) sum += load(c);
-    const float mean = group_reduce_sum(sum, red) * inv_cols;
+    for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) sum += load(c) - shift;
+    const float mean_shifted = group_reduce_sum(sum, red) * inv_cols;
     float sq = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      const float d = (load(c) - mean) * inv_sqrt_cols;
+      const float d = (load(c) - shift - mean_shifted) * inv_sqrt_cols;
       sq += d * d;
     }
     const float rstd = rstd_of(group_reduce_sum(sq, red), static_cast<float>(p.eps));
     if (threadIdx.x == 0) {
-      static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.mean)[row] = shift + mean_shifted;
       static_cast<float*>(p.rstd)[row] = rstd;
     }
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
@@ -241,7 +257,7 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
       if (residual_out != nullptr) residual_out[row * p.cols + c] = from_float<T>(s);
       const float w = p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f;
       const float b = p.bias != nullptr ? static_cast<const float*>(p.bias)[c] : 0.0f;
-      out[row * p.cols + c] = from_float<T>((s - mean) * rstd * w + b);
+      out[row * p.cols + c] = from_float<T>((s - shift - mean_shifted) * rstd * w + b);
     }
   }
 }
