@@ -34,13 +34,9 @@
 //    Shared memory (rows padded to D + 8 elements, dS^T rows to kBlockM + 8: 8 consecutive rows
 //    start 4 banks apart, so ldmatrix phases, cp.async writes and the fragment stores are
 //    conflict-free): K, V (2 x 128 rows), 2 stages of Q and dO (kBlockM rows each), dS^T
-//    (128 x (kBlockM + 8)), 2 stages of lse and Dsum (fp32):
-//       D     kBlockM  smem (bytes)   registers sm_90 (feat=0 / feat=1, spill bytes)
-//       32      64       60416         201 / 166
-//       64      64       93184         224 / 228
-//       96      64      125952         252 / 255 (12 B spill)
-//      128      32      115200         255 / 255 (28 B spill)
-//    (sm_80: D = 96 feat=0 spills 20 B.) kFeatures = false compiles out mask, dropout and dmask.
+//    (128 x (kBlockM + 8)), 2 stages of lse and Dsum (fp32); sizes in BwdTraits<D>. Registers and
+//    spills per instantiation: scripts/check_cuda_compile.sh. kFeatures = false compiles out mask,
+//    dropout and dmask.
 //    D = 256 would need 256 accumulator registers per thread for dK and dV alone: general path.
 //
 // 3. attention_bwd_dq_convert_kernel<T>: dq = T(scale * dq_accum) through dq's strides.
@@ -49,8 +45,7 @@
 //    part and attention_bwd_dq_kernel<T, D, kFeatures> computes dQ in a second pass: one block per
 //    (query tile of 64 rows, head, batch), 4 warps of 16 query rows, looping in a fixed order over
 //    key tiles of 64 (32 for D = 128), double-buffered with cp.async: recomputes S, P, dP, dS and
-//    accumulates dQ in registers, then writes dq directly (smem 30720 / 55296 / 79872 / 69632
-//    bytes for D = 32 / 64 / 96 / 128; 172-244 registers, no spills). Bit-identical run to run.
+//    accumulates dQ in registers, then writes dq directly. Bit-identical run to run.
 //    Cost: S = Q K^T and dP = dO V^T are computed twice, so 7 instead of 5 matrix products of the
 //    same size (~1.4x the tensor-core work), minus the atomics and the conversion pass.
 //
@@ -1171,10 +1166,6 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
 
 template <typename T, bool kFeatures>
 cudaError_t dispatch_fast_dim(const BwdArgs& a, int D, bool deterministic, cudaStream_t stream) {
-#ifdef TXK_BWD_DEV_DIM  // development only: compile a single head dim to iterate faster
-  if (D == TXK_BWD_DEV_DIM) return launch_fast_dim<T, TXK_BWD_DEV_DIM, kFeatures>(a, deterministic, stream);
-  return cudaErrorNotSupported;
-#else
   switch (D) {
     case 32: return launch_fast_dim<T, 32, kFeatures>(a, deterministic, stream);
     case 64: return launch_fast_dim<T, 64, kFeatures>(a, deterministic, stream);
@@ -1182,7 +1173,6 @@ cudaError_t dispatch_fast_dim(const BwdArgs& a, int D, bool deterministic, cudaS
     case 128: return launch_fast_dim<T, 128, kFeatures>(a, deterministic, stream);
     default: return cudaErrorNotSupported;
   }
-#endif
 }
 
 template <typename T>

@@ -35,17 +35,11 @@
 //    16-byte stores (rows >= L skipped); lse = m ln 2 + ln l; l == 0 (fully masked row) gives
 //    out = 0 and lse = -inf.
 //
-//    Configurations (smem = (kBlockM + 4 kBlockN) (D + 8) * 2 bytes; registers from ptxas
-//    -Xptxas -v for sm_90, plain / with mask+dropout, no spills; 4 warps = 128 threads, so up to
-//    255 registers still allow 2 blocks per SM):
-//       D    kBlockM  kBlockN  kMTiles  warps  smem     regs (sm_90)
-//       32     128      64        2       4    30720    204 / 224
-//       64     128      64        2       4    55296    247 / 252   (> 48 KB: cudaFuncSetAttribute)
-//       96     128      32        2       4    53248    218 / 238
-//      128     128      32        2       4    69632    249 / 242
-//      256      64      32        1       4   101376    241 / 252
-//    (D = 96 and 128 with kBlockN = 64 spilled 32-96 bytes: 2 x 16 rows x 64 keys of fp32 scores
-//    plus 2 x 16 x D fp32 accumulators do not fit next to everything else.)
+//    Configurations: FastTraits<D> (tile sizes, warps, shared-memory bytes); D = 96 and 128 take
+//    kBlockN = 32 because 2 x 16 rows x 64 keys of fp32 scores plus 2 x 16 x D fp32 accumulators
+//    do not fit next to everything else (they spilled). Registers and spills per instantiation:
+//    scripts/check_cuda_compile.sh. With 4 warps = 128 threads, up to 255 registers still allow
+//    2 blocks per SM.
 //
 //    Tuning knobs (untimed so far): FastTraits<D> (kBlockM, kBlockN, kMTiles: kMTiles = 1 is the
 //    conservative fallback), the split heuristic in make_plan, and splitting the one cp.async group
@@ -102,13 +96,14 @@ struct FwdArgs {
   const void* mask;
   int64_t mask_stride[4];
 
-  float scale;       // softmax scale (general kernel)
   float scale_log2;  // scale * log2(e) (fast kernel: scores live in the log2 domain)
+  double scale;      // general kernel: fp64 inputs compute in double (params.h)
   bool causal;
 
   bool dropout;
   uint32_t drop_threshold;
   float drop_scale;
+  double drop_scale_d;  // general kernel with fp64 accumulation
   DropoutRng rng;
 
   // Fast kernel grid decomposition and split-KV.
@@ -668,7 +663,7 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const FwdArg
     l = l * alpha + warp_sum(p);
     if (a.dropout && j < j_end) {
       const bool keep = a.rng.word(drop_base + static_cast<uint64_t>(j)) >= a.drop_threshold;
-      p = keep ? p * static_cast<Acc>(a.drop_scale) : Acc(0);
+      p = keep ? p * static_cast<Acc>(a.drop_scale_d) : Acc(0);
     }
     sp[lane] = p;
     __syncwarp();
@@ -814,12 +809,13 @@ FwdArgs make_args(const AttentionParams& p) {
   a.mask = p.mask;
   for (int d = 0; d < 4; ++d) a.mask_stride[d] = p.mask_stride[d];
   a.scale = p.scale;
-  a.scale_log2 = p.scale * kLog2e;
+  a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   a.causal = p.is_causal;
   // Same host-side threshold and scale functions as the CPU kernel, from the same float p.
   a.dropout = p.dropout_p > 0.0f;
   a.drop_threshold = dropout_threshold(static_cast<double>(p.dropout_p));
-  a.drop_scale = dropout_scale(static_cast<double>(p.dropout_p));
+  a.drop_scale_d = dropout_scale(p.dropout_p);
+  a.drop_scale = static_cast<float>(a.drop_scale_d);
   a.rng = p.rng;
   a.num_m_blocks = 1;
   a.num_splits = 1;
