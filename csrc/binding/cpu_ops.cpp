@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t normalized_ndim, const std::optional<at::Tensor>& residual) {
   auto call = prepare_layer_norm_bwd(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                                     normalized_ndim, residual, /*kernel_adds_residual=*/true);
+                                     normalized_ndim, residual);
   if (call.params.rows > 0 && call.params.cols > 0) cpu::layer_norm_bwd(call.params);
   return finish_layer_norm_bwd(call);
 }

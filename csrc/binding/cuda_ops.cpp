@@ -47,35 +47,41 @@ struct Cuda {
     return DeviceInfo{sms, static_cast<int64_t>(smem)};
   }
 
-  static size_t attention_fwd_workspace_bytes(const AttentionParams& p) {
-    return tx_kernels::attention_fwd_workspace_bytes(p);
+  static size_t workspace_bytes(const AttentionParams& p, const DeviceInfo& d) {
+    return attention_fwd_workspace_bytes(p, d);
   }
-  static void attention_fwd(const AttentionParams& p, void* ws, size_t bytes) {
-    check_launch(attention_fwd_cuda(p, ws, bytes, current_stream()), "attention_fwd");
+  static void launch(const AttentionParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(attention_fwd_cuda(p, d, ws, bytes, current_stream()), "attention_fwd");
   }
-  static size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) {
-    return tx_kernels::attention_bwd_workspace_bytes(p);
+  static size_t workspace_bytes(const AttentionBwdParams& p, const DeviceInfo& d) {
+    return attention_bwd_workspace_bytes(p, d);
   }
-  static void attention_bwd(const AttentionBwdParams& p, size_t) {
-    check_launch(attention_bwd_cuda(p, current_stream()), "attention_bwd");
+  static void launch(const AttentionBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(attention_bwd_cuda(p, d, ws, bytes, current_stream()), "attention_bwd");
   }
-  static void layer_norm_fwd(const LayerNormParams& p) {
-    check_launch(layer_norm_fwd_cuda(p, current_stream()), "layer_norm_fwd");
+  static size_t workspace_bytes(const LayerNormParams& p, const DeviceInfo& d) {
+    return layer_norm_fwd_workspace_bytes(p, d);
   }
-  static size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) {
-    return tx_kernels::layer_norm_bwd_workspace_bytes(p, num_sms);
+  static void launch(const LayerNormParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(layer_norm_fwd_cuda(p, d, ws, bytes, current_stream()), "layer_norm_fwd");
   }
-  static void layer_norm_bwd(const LayerNormBwdParams& p, size_t, int num_sms) {
-    check_launch(layer_norm_bwd_cuda(p, num_sms, current_stream()), "layer_norm_bwd");
+  static size_t workspace_bytes(const LayerNormBwdParams& p, const DeviceInfo& d) {
+    return layer_norm_bwd_workspace_bytes(p, d);
   }
-  static void bias_act_fwd(const BiasActParams& p) {
-    check_launch(bias_act_fwd_cuda(p, current_stream()), "bias_act_fwd");
+  static void launch(const LayerNormBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(layer_norm_bwd_cuda(p, d, ws, bytes, current_stream()), "layer_norm_bwd");
   }
-  static size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, int num_sms) {
-    return tx_kernels::bias_act_bwd_workspace_bytes(p, num_sms);
+  static size_t workspace_bytes(const BiasActParams& p, const DeviceInfo& d) {
+    return bias_act_fwd_workspace_bytes(p, d);
   }
-  static void bias_act_bwd(const BiasActBwdParams& p, size_t, int num_sms) {
-    check_launch(bias_act_bwd_cuda(p, num_sms, current_stream()), "bias_act_bwd");
+  static void launch(const BiasActParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(bias_act_fwd_cuda(p, d, ws, bytes, current_stream()), "bias_act_fwd");
+  }
+  static size_t workspace_bytes(const BiasActBwdParams& p, const DeviceInfo& d) {
+    return bias_act_bwd_workspace_bytes(p, d);
+  }
+  static void launch(const BiasActBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    check_launch(bias_act_bwd_cuda(p, d, ws, bytes, current_stream()), "bias_act_bwd");
   }
 };
 

@@ -5,9 +5,9 @@
 //   Device::kName                              "CUDA" / "the CUDA emulator", for messages
 //   Device::check_on_device(tensor, name)      the tensor is where this backend's kernels run
 //   Device::Guard(tensor)                      selects the tensor's device while it lives
-//   Device::info()                             SM count and shared-memory opt-in limit
-//   Device::attention_fwd_workspace_bytes(p), Device::attention_fwd(p, workspace, bytes), ...
-//                                              the launchers.h entry points, raising on error
+//   Device::info()                             the DeviceInfo of the current device
+//   Device::workspace_bytes(params, info)      the launchers.h pair of the params' op, the launch
+//   Device::launch(params, info, ws, bytes)    raising on error (overloaded on the params type)
 #pragma once
 
 #include <ATen/Context.h>
@@ -19,11 +19,6 @@
 
 namespace tx_kernels::binding {
 
-struct DeviceInfo {
-  int num_sms;
-  int64_t max_smem_per_block;  // opt-in limit (what cudaFuncSetAttribute can raise a kernel to)
-};
-
 template <typename Device>
 struct DeviceOps {
   static void check_no_fp64(const at::Tensor& t, const char* name) {
@@ -32,11 +27,17 @@ struct DeviceOps {
                      "bfloat16 on CUDA (float64 runs on CPU)");
   }
 
-  // Scratch for a launcher (two-stage reductions, split-KV partials), on the input's device;
-  // 512-byte aligned by the caching allocator (64 on the CPU).
-  static at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  // Every launch: the device's description, the scratch the launcher asks for (two-stage
+  // reductions, split-KV partials, dQ accumulators) on the input's device, 512-byte aligned by the
+  // caching allocator (64 on the CPU) and freed on return, which is safe: the caching allocator
+  // reuses it only for later work on the same stream.
+  template <typename Params>
+  static void launch(const Params& params, const at::Tensor& like) {
+    const DeviceInfo dev = Device::info();
+    const size_t bytes = Device::workspace_bytes(params, dev);
     const int64_t floats = static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
-    return at::empty({floats}, like.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({floats}, like.options().dtype(at::kFloat));
+    Device::launch(params, dev, bytes ? ws.data_ptr() : nullptr, bytes);
   }
 
   static std::tuple<at::Tensor, at::Tensor> attention_fwd(
@@ -47,16 +48,7 @@ struct DeviceOps {
     Device::check_on_device(query, "query");
     const typename Device::Guard guard(query);
     auto call = prepare_attention_fwd(query, key, value, attn_mask, scale, is_causal, dropout_p, rng);
-    if (!call.empty) {
-      const DeviceInfo dev = Device::info();
-      call.params.num_sms = dev.num_sms;
-      call.params.max_smem_per_block = dev.max_smem_per_block;
-      // Split-KV decode scratch (0 bytes for most problems); freed on return, which is safe: the
-      // caching allocator reuses it only for later work on the same stream.
-      const size_t ws_bytes = Device::attention_fwd_workspace_bytes(call.params);
-      at::Tensor ws = workspace(ws_bytes, query);
-      Device::attention_fwd(call.params, ws_bytes ? ws.data_ptr() : nullptr, ws_bytes);
-    }
+    if (!call.empty) launch(call.params, query);
     return {call.out, call.lse};
   }
 
@@ -70,17 +62,9 @@ struct DeviceOps {
     auto call = prepare_attention_bwd(grad_out, query, key, value, out, logsumexp, attn_mask, scale,
                                       is_causal, dropout_p, rng, compute_mask_grad);
     if (!call.empty) {
-      const DeviceInfo dev = Device::info();
-      call.params.num_sms = dev.num_sms;
-      // The opt-in limit: left at the 48 KB default, every config would take the general path.
-      call.params.max_smem_per_block = dev.max_smem_per_block;
       // torch.use_deterministic_algorithms(True) selects the atomic-free dQ pass.
       call.params.deterministic = at::globalContext().deterministicAlgorithms();
-      // D = rowsum(dO * O) and the fp32 dQ accumulator; the launcher initializes it itself.
-      const size_t ws_bytes = Device::attention_bwd_workspace_bytes(call.params);
-      at::Tensor ws = workspace(ws_bytes, query);
-      call.params.workspace = ws.numel() ? ws.data_ptr<float>() : nullptr;
-      Device::attention_bwd(call.params, ws_bytes);
+      launch(call.params, query);
     }
     return {call.dq, call.dk, call.dv, finish_attention_mask_grad(call)};
   }
@@ -92,7 +76,7 @@ struct DeviceOps {
     Device::check_on_device(input, "input");
     const typename Device::Guard guard(input);
     auto call = prepare_layer_norm_fwd(input, std::nullopt, weight, bias, normalized_ndim, eps);
-    Device::layer_norm_fwd(call.params);
+    launch(call.params, input);
     return {call.out, call.mean, call.rstd};
   }
 
@@ -104,11 +88,10 @@ struct DeviceOps {
     check_no_fp64(residual, "residual");
     Device::check_on_device(input, "input");
     const typename Device::Guard guard(input);
-    // The CUDA kernel always writes the sum: with return_residual=False it goes to scratch.
-    auto call = prepare_layer_norm_fwd(input, residual, weight, bias, normalized_ndim, eps);
-    Device::layer_norm_fwd(call.params);
-    return {call.out, return_residual ? call.residual_out : at::empty({0}, input.options()),
-            call.mean, call.rstd};
+    auto call = prepare_layer_norm_fwd(input, residual, weight, bias, normalized_ndim, eps,
+                                       return_residual);
+    launch(call.params, input);
+    return {call.out, call.residual_out, call.mean, call.rstd};
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
@@ -122,7 +105,7 @@ struct DeviceOps {
     Device::check_on_device(input, "input");
     const typename Device::Guard guard(input);
     auto call = prepare_layer_norm_bwd(grad_out, grad_residual_out, input, mean, rstd, weight, bias,
-                                       normalized_ndim, residual, /*kernel_adds_residual=*/false);
+                                       normalized_ndim, residual);
     // prepare checks dtypes and shapes; mean/rstd/grad_residual_out must also live on this device.
     TORCH_CHECK_VALUE(call.mean.device() == input.device() && call.rstd.device() == input.device(),
                       "tx_kernels: `mean` and `rstd` must be on ", input.device(), " like `input`");
@@ -131,16 +114,7 @@ struct DeviceOps {
                         "tx_kernels: `grad_residual_out` must be on ", input.device(),
                         " like `input`");
     }
-    if (call.params.rows > 0 && call.params.cols > 0) {
-      const DeviceInfo dev = Device::info();
-      const size_t bytes = Device::layer_norm_bwd_workspace_bytes(call.params, dev.num_sms);
-      at::Tensor ws;
-      if (bytes > 0) {
-        ws = workspace(bytes, input);
-        call.params.workspace = ws.data_ptr<float>();
-      }
-      Device::layer_norm_bwd(call.params, bytes, dev.num_sms);
-    }
+    if (call.params.rows > 0 && call.params.cols > 0) launch(call.params, input);
     return finish_layer_norm_bwd(call);
   }
 
@@ -151,7 +125,7 @@ struct DeviceOps {
     Device::check_on_device(input, "input");
     const typename Device::Guard guard(input);
     auto call = prepare_bias_act_fwd(input, bias, activation, dropout_p, rng);
-    Device::bias_act_fwd(call.params);
+    launch(call.params, input);
     return call.out;
   }
 
@@ -166,14 +140,7 @@ struct DeviceOps {
     Device::check_on_device(input, "input");
     const typename Device::Guard guard(input);
     auto call = prepare_bias_act_bwd(grad_out, input, bias, activation, dropout_p, rng);
-    const DeviceInfo dev = Device::info();
-    const size_t bytes = Device::bias_act_bwd_workspace_bytes(call.params, dev.num_sms);
-    at::Tensor ws;
-    if (bytes > 0) {
-      ws = workspace(bytes, input);
-      call.params.workspace = ws.data_ptr<float>();
-    }
-    Device::bias_act_bwd(call.params, bytes, dev.num_sms);
+    launch(call.params, input);
     return {call.grad_input, finish_bias_grad(call)};
   }
 

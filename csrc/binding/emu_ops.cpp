@@ -62,35 +62,41 @@ struct Emulator {
 
   static DeviceInfo info() { return DeviceInfo{state().device.num_sms, state().device.max_smem_per_block_optin}; }
 
-  static size_t attention_fwd_workspace_bytes(const AttentionParams& p) {
-    return api().attention_fwd_workspace_bytes(p);
+  static size_t workspace_bytes(const AttentionParams& p, const DeviceInfo&) {
+    return api().attention_fwd_workspace_bytes(p, device());
   }
-  static void attention_fwd(const AttentionParams& p, void* ws, size_t bytes) {
+  static void launch(const AttentionParams& p, const DeviceInfo&, void* ws, size_t bytes) {
     check_launch(api(), api().attention_fwd(p, ws, bytes, device()), "attention_fwd");
   }
-  static size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) {
-    return api().attention_bwd_workspace_bytes(p);
+  static size_t workspace_bytes(const AttentionBwdParams& p, const DeviceInfo&) {
+    return api().attention_bwd_workspace_bytes(p, device());
   }
-  static void attention_bwd(const AttentionBwdParams& p, size_t bytes) {
-    check_launch(api(), api().attention_bwd(p, bytes, device()), "attention_bwd");
+  static void launch(const AttentionBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
+    check_launch(api(), api().attention_bwd(p, ws, bytes, device()), "attention_bwd");
   }
-  static void layer_norm_fwd(const LayerNormParams& p) {
-    check_launch(api(), api().layer_norm_fwd(p, device()), "layer_norm_fwd");
+  static size_t workspace_bytes(const LayerNormParams& p, const DeviceInfo&) {
+    return api().layer_norm_fwd_workspace_bytes(p, device());
   }
-  static size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) {
-    return api().layer_norm_bwd_workspace_bytes(p, num_sms);
+  static void launch(const LayerNormParams& p, const DeviceInfo&, void* ws, size_t bytes) {
+    check_launch(api(), api().layer_norm_fwd(p, ws, bytes, device()), "layer_norm_fwd");
   }
-  static void layer_norm_bwd(const LayerNormBwdParams& p, size_t bytes, int) {
-    check_launch(api(), api().layer_norm_bwd(p, bytes, device()), "layer_norm_bwd");
+  static size_t workspace_bytes(const LayerNormBwdParams& p, const DeviceInfo&) {
+    return api().layer_norm_bwd_workspace_bytes(p, device());
   }
-  static void bias_act_fwd(const BiasActParams& p) {
-    check_launch(api(), api().bias_act_fwd(p, device()), "bias_act_fwd");
+  static void launch(const LayerNormBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
+    check_launch(api(), api().layer_norm_bwd(p, ws, bytes, device()), "layer_norm_bwd");
   }
-  static size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, int num_sms) {
-    return api().bias_act_bwd_workspace_bytes(p, num_sms);
+  static size_t workspace_bytes(const BiasActParams& p, const DeviceInfo&) {
+    return api().bias_act_fwd_workspace_bytes(p, device());
   }
-  static void bias_act_bwd(const BiasActBwdParams& p, size_t bytes, int) {
-    check_launch(api(), api().bias_act_bwd(p, bytes, device()), "bias_act_bwd");
+  static void launch(const BiasActParams& p, const DeviceInfo&, void* ws, size_t bytes) {
+    check_launch(api(), api().bias_act_fwd(p, ws, bytes, device()), "bias_act_fwd");
+  }
+  static size_t workspace_bytes(const BiasActBwdParams& p, const DeviceInfo&) {
+    return api().bias_act_bwd_workspace_bytes(p, device());
+  }
+  static void launch(const BiasActBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
+    check_launch(api(), api().bias_act_bwd(p, ws, bytes, device()), "bias_act_bwd");
   }
 };
 

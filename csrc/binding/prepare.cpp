@@ -357,8 +357,7 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
                                         int64_t normalized_ndim,
-                                        const std::optional<at::Tensor>& residual,
-                                        bool kernel_adds_residual) {
+                                        const std::optional<at::Tensor>& residual) {
   check_defined(input, "input");
   check_floating(input, "input");
   check_defined(grad_out, "grad_out");
@@ -382,14 +381,8 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
     TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), "tx_kernels: `residual` has shape ",
                       residual->sizes(), " but `input` has shape ", input.sizes());
   }
-  if (has_residual && kernel_adds_residual) {
-    call.input2d = input.reshape({rows, cols}).contiguous();
-    call.residual2d = residual->reshape({rows, cols}).contiguous();
-  } else if (has_residual) {
-    call.input2d = (input + *residual).reshape({rows, cols}).contiguous();
-  } else {
-    call.input2d = input.reshape({rows, cols}).contiguous();
-  }
+  call.input2d = input.reshape({rows, cols}).contiguous();
+  if (has_residual) call.residual2d = residual->reshape({rows, cols}).contiguous();
   call.grad_out2d = grad_out.reshape({rows, cols}).contiguous();
   if (grad_residual_out.has_value() && grad_residual_out->defined()) {
     check_same_dtype(*grad_residual_out, "grad_residual_out", input, "input");

@@ -102,8 +102,7 @@ LayerNormBwdCall prepare_layer_norm_bwd(const at::Tensor& grad_out,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias,
                                         int64_t normalized_ndim,
-                                        const std::optional<at::Tensor>& residual,
-                                        bool kernel_adds_residual);
+                                        const std::optional<at::Tensor>& residual);
 
 // (grad_input, grad_weight, grad_bias) in the parameters' shapes and dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_layer_norm_bwd(const LayerNormBwdCall& call);

@@ -83,7 +83,11 @@ void add_attention_inputs(Scope& s, const AttentionParams& p) {
   }
 }
 
-size_t attention_fwd_workspace_bytes(const AttentionParams& p) { return tx_kernels::attention_fwd_workspace_bytes(p); }
+DeviceInfo info_of(const Device& d) { return DeviceInfo{d.num_sms, d.max_smem_per_block_optin}; }
+
+size_t attention_fwd_workspace_bytes(const AttentionParams& p, const Device& d) {
+  return tx_kernels::attention_fwd_workspace_bytes(p, info_of(d));
+}
 
 int attention_fwd(const AttentionParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
@@ -91,12 +95,14 @@ int attention_fwd(const AttentionParams& p, void* workspace, size_t workspace_by
   s.output(p.out, out_bytes(p), "out");
   s.output(p.lse, lse_bytes(p), "logsumexp");
   s.output(workspace, workspace_bytes, "workspace");
-  return s.run([&] { return attention_fwd_cuda(p, workspace, workspace_bytes, nullptr); });
+  return s.run([&] { return attention_fwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
-size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p) { return tx_kernels::attention_bwd_workspace_bytes(p); }
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& p, const Device& d) {
+  return tx_kernels::attention_bwd_workspace_bytes(p, info_of(d));
+}
 
-int attention_bwd(const AttentionBwdParams& p, size_t workspace_bytes, const Device& d) {
+int attention_bwd(const AttentionBwdParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   add_attention_inputs(s, p);
   s.add(p.out, out_bytes(p), "out");
@@ -109,15 +115,19 @@ int attention_bwd(const AttentionBwdParams& p, size_t workspace_bytes, const Dev
   s.output(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
   // dmask arrives zero-filled from the binding (entries of skipped tiles are never written).
   s.add(p.dmask, extent(stats_type(t), {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
-  s.output(p.workspace, workspace_bytes, "workspace");
-  return s.run([&] { return attention_bwd_cuda(p, nullptr); });
+  s.output(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return attention_bwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
 size_t rows_bytes(DType t, int64_t rows, int64_t row_stride, int64_t cols) {
   return extent(t, {rows}, {row_stride}, cols);
 }
 
-int layer_norm_fwd(const LayerNormParams& p, const Device& d) {
+size_t layer_norm_fwd_workspace_bytes(const LayerNormParams& p, const Device& d) {
+  return tx_kernels::layer_norm_fwd_workspace_bytes(p, info_of(d));
+}
+
+int layer_norm_fwd(const LayerNormParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   const DType t = p.dtype, st = stats_type(t);
   s.add(p.input, rows_bytes(t, p.rows, p.input_row_stride, p.cols), "input");
@@ -128,14 +138,15 @@ int layer_norm_fwd(const LayerNormParams& p, const Device& d) {
   s.output(p.residual_out, rows_bytes(t, p.rows, p.cols, p.cols), "residual_out");
   s.output(p.mean, rows_bytes(st, 1, 0, p.rows), "mean");
   s.output(p.rstd, rows_bytes(st, 1, 0, p.rows), "rstd");
-  return s.run([&] { return layer_norm_fwd_cuda(p, nullptr); });
+  s.output(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return layer_norm_fwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
-size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, int num_sms) {
-  return tx_kernels::layer_norm_bwd_workspace_bytes(p, num_sms);
+size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p, const Device& d) {
+  return tx_kernels::layer_norm_bwd_workspace_bytes(p, info_of(d));
 }
 
-int layer_norm_bwd(const LayerNormBwdParams& p, size_t workspace_bytes, const Device& d) {
+int layer_norm_bwd(const LayerNormBwdParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   const DType t = p.dtype, st = stats_type(t);
   const size_t matrix = rows_bytes(t, p.rows, p.cols, p.cols);
@@ -149,8 +160,8 @@ int layer_norm_bwd(const LayerNormBwdParams& p, size_t workspace_bytes, const De
   s.output(p.grad_input, matrix, "grad_input");
   s.output(p.grad_weight, rows_bytes(st, 1, 0, p.cols), "grad_weight");
   s.output(p.grad_bias, rows_bytes(st, 1, 0, p.cols), "grad_bias");
-  s.output(p.workspace, workspace_bytes, "workspace");
-  return s.run([&] { return layer_norm_bwd_cuda(p, d.num_sms, nullptr); });
+  s.output(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return layer_norm_bwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
 void add_bias_act_inputs(Scope& s, const BiasActParams& p) {
@@ -158,26 +169,31 @@ void add_bias_act_inputs(Scope& s, const BiasActParams& p) {
   s.add(p.bias, rows_bytes(stats_type(p.dtype), 1, 0, p.cols), "bias");
 }
 
-int bias_act_fwd(const BiasActParams& p, const Device& d) {
+size_t bias_act_fwd_workspace_bytes(const BiasActParams& p, const Device& d) {
+  return tx_kernels::bias_act_fwd_workspace_bytes(p, info_of(d));
+}
+
+int bias_act_fwd(const BiasActParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   add_bias_act_inputs(s, p);
   s.output(p.out, rows_bytes(p.dtype, p.rows, p.cols, p.cols), "out");
-  return s.run([&] { return bias_act_fwd_cuda(p, nullptr); });
+  s.output(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return bias_act_fwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
-size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, int num_sms) {
-  return tx_kernels::bias_act_bwd_workspace_bytes(p, num_sms);
+size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& p, const Device& d) {
+  return tx_kernels::bias_act_bwd_workspace_bytes(p, info_of(d));
 }
 
-int bias_act_bwd(const BiasActBwdParams& p, size_t workspace_bytes, const Device& d) {
+int bias_act_bwd(const BiasActBwdParams& p, void* workspace, size_t workspace_bytes, const Device& d) {
   Scope s(d);
   add_bias_act_inputs(s, p);
   const size_t matrix = rows_bytes(p.dtype, p.rows, p.cols, p.cols);
   s.add(p.grad_out, matrix, "grad_out");
   s.output(p.grad_input, matrix, "grad_input");
   s.output(p.grad_bias, rows_bytes(stats_type(p.dtype), 1, 0, p.cols), "grad_bias");
-  s.output(p.workspace, workspace_bytes, "workspace");
-  return s.run([&] { return bias_act_bwd_cuda(p, d.num_sms, nullptr); });
+  s.output(workspace, workspace_bytes, "workspace");
+  return s.run([&] { return bias_act_bwd_cuda(p, info_of(d), workspace, workspace_bytes, nullptr); });
 }
 
 const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
@@ -188,9 +204,11 @@ const Api kApi = {
     &attention_fwd,
     &attention_bwd_workspace_bytes,
     &attention_bwd,
+    &layer_norm_fwd_workspace_bytes,
     &layer_norm_fwd,
     &layer_norm_bwd_workspace_bytes,
     &layer_norm_bwd,
+    &bias_act_fwd_workspace_bytes,
     &bias_act_fwd,
     &bias_act_bwd_workspace_bytes,
     &bias_act_bwd,

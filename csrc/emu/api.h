@@ -18,22 +18,25 @@ struct Device {
   int64_t max_smem_per_block_optin;
 };
 
+// Per op, the launchers.h pair: workspace bytes for the emulated device, and the launch.
 struct Api {
   int version;  // kApiVersion of the library
-  size_t (*attention_fwd_workspace_bytes)(const AttentionParams&);
+  size_t (*attention_fwd_workspace_bytes)(const AttentionParams&, const Device&);
   int (*attention_fwd)(const AttentionParams&, void* workspace, size_t workspace_bytes, const Device&);
-  size_t (*attention_bwd_workspace_bytes)(const AttentionBwdParams&);
-  int (*attention_bwd)(const AttentionBwdParams&, size_t workspace_bytes, const Device&);
-  int (*layer_norm_fwd)(const LayerNormParams&, const Device&);
-  size_t (*layer_norm_bwd_workspace_bytes)(const LayerNormBwdParams&, int num_sms);
-  int (*layer_norm_bwd)(const LayerNormBwdParams&, size_t workspace_bytes, const Device&);
-  int (*bias_act_fwd)(const BiasActParams&, const Device&);
-  size_t (*bias_act_bwd_workspace_bytes)(const BiasActBwdParams&, int num_sms);
-  int (*bias_act_bwd)(const BiasActBwdParams&, size_t workspace_bytes, const Device&);
+  size_t (*attention_bwd_workspace_bytes)(const AttentionBwdParams&, const Device&);
+  int (*attention_bwd)(const AttentionBwdParams&, void* workspace, size_t workspace_bytes, const Device&);
+  size_t (*layer_norm_fwd_workspace_bytes)(const LayerNormParams&, const Device&);
+  int (*layer_norm_fwd)(const LayerNormParams&, void* workspace, size_t workspace_bytes, const Device&);
+  size_t (*layer_norm_bwd_workspace_bytes)(const LayerNormBwdParams&, const Device&);
+  int (*layer_norm_bwd)(const LayerNormBwdParams&, void* workspace, size_t workspace_bytes, const Device&);
+  size_t (*bias_act_fwd_workspace_bytes)(const BiasActParams&, const Device&);
+  int (*bias_act_fwd)(const BiasActParams&, void* workspace, size_t workspace_bytes, const Device&);
+  size_t (*bias_act_bwd_workspace_bytes)(const BiasActBwdParams&, const Device&);
+  int (*bias_act_bwd)(const BiasActBwdParams&, void* workspace, size_t workspace_bytes, const Device&);
   const char* (*error_string)(int error);
 };
 
-constexpr int kApiVersion = 1;
+constexpr int kApiVersion = 2;
 
 }  // namespace tx_kernels::emu
 

@@ -1004,8 +1004,8 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 bool strides_mult8(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
 
-int64_t smem_limit(const AttentionParams& p) {
-  return p.max_smem_per_block > 0 ? p.max_smem_per_block : 48 * 1024;
+int64_t smem_limit(const DeviceInfo& dev) {
+  return dev.max_smem_per_block > 0 ? dev.max_smem_per_block : 48 * 1024;
 }
 
 int fast_head_dim(int64_t E) {
@@ -1034,7 +1034,7 @@ size_t dq_smem_for(int D) {
 }
 
 // The fast head-dim instantiation for this problem, or 0 for the general path.
-int fast_plan(const AttentionBwdParams& p) {
+int fast_plan(const AttentionBwdParams& p, const DeviceInfo& dev) {
   const bool low_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
   if (!low_precision || p.head_dim != p.v_head_dim || p.head_dim <= 0 || p.head_dim % 8 != 0) return 0;
   const int D = fast_head_dim(p.head_dim);
@@ -1048,7 +1048,7 @@ int fast_plan(const AttentionBwdParams& p) {
     return 0;
   }
   const size_t smem = dkdv_smem_for(D) > dq_smem_for(D) ? dkdv_smem_for(D) : dq_smem_for(D);
-  if (static_cast<int64_t>(smem) > smem_limit(p)) return 0;
+  if (static_cast<int64_t>(smem) > smem_limit(dev)) return 0;
   // Grid sizes (1D) and the int step / tile counters of the kernels.
   const int64_t m_tiles = (p.q_len + 31) / 32;  // the smallest query tile of any kernel
   if (m_tiles * p.batch * p.heads > 0x7fffffff || m_tiles * (p.heads / p.kv_heads) > 0x7fffffff) return 0;
@@ -1064,7 +1064,7 @@ size_t dsum_bytes(const AttentionBwdParams& p) {
   return round_up256(static_cast<size_t>(p.batch) * p.heads * p.q_len * acc);
 }
 
-BwdArgs make_args(const AttentionBwdParams& p) {
+BwdArgs make_args(const AttentionBwdParams& p, void* workspace) {
   BwdArgs a{};
   a.q = p.q;
   a.k = p.k;
@@ -1076,7 +1076,7 @@ BwdArgs make_args(const AttentionBwdParams& p) {
   a.dk = p.dk;
   a.dv = p.dv;
   a.dmask = static_cast<float*>(p.dmask);  // fp64 for fp64 inputs (written through as_acc)
-  a.dsum = p.workspace;
+  a.dsum = workspace;
   a.dq_accum = nullptr;
   a.N = p.batch;
   a.H = p.heads;
@@ -1272,31 +1272,34 @@ cudaError_t validate(const AttentionBwdParams& p) {
 // Depends on the sizes, the dtype, the shared-memory limit and the alignment of the pointers and
 // strides already filled in (unset output pointers count as aligned, which can only over-estimate),
 // not on params.deterministic.
-size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params) {
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params, const DeviceInfo& device) {
   if (validate_shape(params) != cudaSuccess) return 0;
   size_t bytes = dsum_bytes(params);
-  if (fast_plan(params) != 0) {
+  if (fast_plan(params, device) != 0) {
     bytes += static_cast<size_t>(params.batch) * params.heads * params.q_len * params.head_dim * sizeof(float);
   }
   return bytes;
 }
 
-cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, cudaStream_t stream) {
+cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, const DeviceInfo& device,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (params.batch == 0 || params.heads == 0) return cudaSuccess;  // no element of any output
   const cudaError_t bad = validate(params);
   if (bad != cudaSuccess) return bad;
-  if (params.workspace == nullptr) return cudaErrorInvalidValue;
-  BwdArgs a = make_args(params);
-  const int D = fast_plan(params);
+  if (!workspace_ok(workspace, workspace_bytes, attention_bwd_workspace_bytes(params, device))) {
+    return cudaErrorInvalidValue;
+  }
+  BwdArgs a = make_args(params, workspace);
+  const int D = fast_plan(params, device);
   if (D != 0) {
     if (!params.deterministic) {
-      a.dq_accum = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(params.workspace) + dsum_bytes(params));
+      a.dq_accum = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + dsum_bytes(params));
     }
     if (params.dtype == DType::kFloat16) return run_fast<__half>(a, D, params.deterministic, stream);
     return run_fast<__nv_bfloat16>(a, D, params.deterministic, stream);
   }
   // The general path also covers L == 0 or S == 0: it writes the zero gradients of the other side.
-  const int64_t smem_max = smem_limit(params);
+  const int64_t smem_max = smem_limit(device);
   switch (params.dtype) {
     case DType::kFloat32: return run_general<float, float>(a, smem_max, stream);
     case DType::kFloat16: return run_general<__half, float>(a, smem_max, stream);

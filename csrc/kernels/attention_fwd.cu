@@ -724,15 +724,15 @@ void fast_shape(int D, int& bm, int& bn, size_t& smem) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 bool strides_mult8(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
 
-int64_t smem_limit(const AttentionParams& p) {
+int64_t smem_limit(const DeviceInfo& dev) {
   // The binding should pass the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on
   // H100, 163 KB on A100). 0 means it did not say: assume 99 KB, the smallest opt-in limit of
   // the sm_80+ devices this file's kernels can run on (sm_86 / sm_89), which every fast config
   // fits; 48 KB would silently send head dims >= 64 to the slow general kernel.
-  return p.max_smem_per_block > 0 ? p.max_smem_per_block : 101376;
+  return dev.max_smem_per_block > 0 ? dev.max_smem_per_block : 101376;
 }
 
-Plan make_plan(const AttentionParams& p) {
+Plan make_plan(const AttentionParams& p, const DeviceInfo& dev) {
   Plan plan;
   const bool low_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
   const int D = fast_head_dim(p.head_dim);
@@ -747,7 +747,7 @@ Plan make_plan(const AttentionParams& p) {
   int bm, bn;
   size_t smem;
   fast_shape(D, bm, bn, smem);
-  if (static_cast<int64_t>(smem) > smem_limit(p)) return plan;
+  if (static_cast<int64_t>(smem) > smem_limit(dev)) return plan;
   const int64_t num_m = (p.q_len + bm - 1) / bm;
   if (num_m > (int64_t{1} << 30)) return plan;
   plan.path = Path::kFast;
@@ -763,9 +763,9 @@ Plan make_plan(const AttentionParams& p) {
   const int64_t base_blocks = num_m * p.batch * p.heads;
   const int64_t useful_keys = p.is_causal ? (p.q_len < p.kv_len ? p.q_len : p.kv_len) : p.kv_len;
   const int64_t useful_tiles = (useful_keys + bn - 1) / bn;
-  if (p.q_len <= 64 && num_m == 1 && p.num_sms > 0 && base_blocks > 0 && base_blocks < p.num_sms &&
+  if (p.q_len <= 64 && num_m == 1 && dev.num_sms > 0 && base_blocks > 0 && base_blocks < dev.num_sms &&
       useful_tiles >= 4) {
-    int64_t splits = (2 * static_cast<int64_t>(p.num_sms) + base_blocks - 1) / base_blocks;
+    int64_t splits = (2 * static_cast<int64_t>(dev.num_sms) + base_blocks - 1) / base_blocks;
     splits = splits < useful_tiles / 2 ? splits : useful_tiles / 2;
     splits = splits < kMaxSplits ? splits : kMaxSplits;
     if (splits >= 2) {
@@ -910,27 +910,22 @@ cudaError_t validate(const AttentionParams& p) {
 
 }  // namespace
 
-size_t attention_fwd_workspace_bytes(const AttentionParams& params) {
+size_t attention_fwd_workspace_bytes(const AttentionParams& params, const DeviceInfo& device) {
   if (validate(params) != cudaSuccess) return 0;
-  const Plan plan = make_plan(params);
+  const Plan plan = make_plan(params, device);
   return plan.path == Path::kFast ? split_workspace_bytes(params, plan.num_splits) : 0;
 }
 
-cudaError_t attention_fwd_cuda(const AttentionParams& params, void* workspace, size_t workspace_bytes,
-                               cudaStream_t stream) {
+cudaError_t attention_fwd_cuda(const AttentionParams& params, const DeviceInfo& device,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (params.batch == 0 || params.heads == 0 || params.q_len == 0) return cudaSuccess;  // nothing to write
   const cudaError_t bad = validate(params);
   if (bad != cudaSuccess) return bad;
   FwdArgs a = make_args(params);
-  Plan plan = make_plan(params);
+  const Plan plan = make_plan(params, device);
   if (plan.path == Path::kFast) {
-    const size_t need = split_workspace_bytes(params, plan.num_splits);
-    if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < need ||
-                                (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)) {
-      // No (or too small) workspace: run unsplit, which is correct, only slower for decode.
-      const int64_t n_tiles = (params.kv_len + plan.block_n - 1) / plan.block_n;
-      plan.num_splits = 1;
-      plan.tiles_per_split = static_cast<int>(n_tiles > 0 ? n_tiles : 1);
+    if (!workspace_ok(workspace, workspace_bytes, split_workspace_bytes(params, plan.num_splits))) {
+      return cudaErrorInvalidValue;
     }
     a.num_m_blocks = plan.num_m_blocks;
     a.num_splits = plan.num_splits;
@@ -943,7 +938,7 @@ cudaError_t attention_fwd_cuda(const AttentionParams& params, void* workspace, s
     if (params.dtype == DType::kFloat16) return run_fast<__half>(a, plan, stream);
     return run_fast<__nv_bfloat16>(a, plan, stream);
   }
-  const int64_t smem_max = smem_limit(params);
+  const int64_t smem_max = smem_limit(device);
   switch (params.dtype) {
     case DType::kFloat32: return run_general<float, float>(a, smem_max, stream);
     case DType::kFloat16: return run_general<__half, float>(a, smem_max, stream);
@@ -951,10 +946,6 @@ cudaError_t attention_fwd_cuda(const AttentionParams& params, void* workspace, s
     case DType::kFloat64: return run_general<double, double>(a, smem_max, stream);
     default: return cudaErrorNotSupported;
   }
-}
-
-cudaError_t attention_fwd_cuda(const AttentionParams& params, cudaStream_t stream) {
-  return attention_fwd_cuda(params, nullptr, 0, stream);
 }
 
 }  // namespace tx_kernels

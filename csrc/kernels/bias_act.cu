@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "dispatch.cuh"
 #include "launchers.h"
 
 namespace tx_kernels {
@@ -164,7 +165,7 @@ bias_act_fwd_kernel(const BiasActParams p, bool dropout, uint32_t threshold, flo
 template <typename T, int VEC, Activation ACT>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 bias_act_bwd_kernel(const BiasActBwdParams p, bool dropout, uint32_t threshold, float scale,
-                    bool want_partials, bool workspace_vec) {
+                    float* workspace, bool want_partials, bool workspace_vec) {
   TX_SHARED(float[kThreads * VEC], slices);  // [blockDim.y][blockDim.x * VEC]
   const int64_t chunks = p.cols / VEC;
   const int64_t cc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -219,7 +220,7 @@ bias_act_bwd_kernel(const BiasActBwdParams p, bool dropout, uint32_t threshold, 
 #pragma unroll
       for (int v = 0; v < VEC; ++v) total[v] += slices[y * width + threadIdx.x * VEC + v];
     }
-    float* ws = p.workspace + static_cast<int64_t>(blockIdx.y) * p.cols + cc * VEC;
+    float* ws = workspace + static_cast<int64_t>(blockIdx.y) * p.cols + cc * VEC;
     if (workspace_vec) {
       store_f32<VEC>(ws, total);
     } else {
@@ -344,58 +345,67 @@ cudaError_t fwd_typed(const BiasActParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int VEC, Activation ACT>
-cudaError_t launch_bwd(const BiasActBwdParams& p, const Plan& plan, cudaStream_t stream) {
+cudaError_t launch_bwd(const BiasActBwdParams& p, const Plan& plan, float* workspace,
+                       cudaStream_t stream) {
   const Dropout d = dropout_of(p);
   const bool want = p.grad_bias != nullptr;
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.grid_y));
   const auto kernel = bias_act_bwd_kernel<T, VEC, ACT>;
   TX_LAUNCH(kernel, grid, plan.block, 0, stream)(
-      p, d.on, d.threshold, d.scale, want, is_aligned(p.workspace, 16));
+      p, d.on, d.threshold, d.scale, workspace, want, is_aligned(workspace, 16));
   return cudaGetLastError();
 }
 
 template <typename T, int VEC>
-cudaError_t bwd_by_act(const BiasActBwdParams& p, const Plan& plan, cudaStream_t stream) {
+cudaError_t bwd_by_act(const BiasActBwdParams& p, const Plan& plan, float* workspace,
+                       cudaStream_t stream) {
   switch (p.activation) {
-    case Activation::kRelu: return launch_bwd<T, VEC, Activation::kRelu>(p, plan, stream);
-    case Activation::kGelu: return launch_bwd<T, VEC, Activation::kGelu>(p, plan, stream);
-    case Activation::kGeluTanh: return launch_bwd<T, VEC, Activation::kGeluTanh>(p, plan, stream);
+    case Activation::kRelu: return launch_bwd<T, VEC, Activation::kRelu>(p, plan, workspace, stream);
+    case Activation::kGelu: return launch_bwd<T, VEC, Activation::kGelu>(p, plan, workspace, stream);
+    case Activation::kGeluTanh: return launch_bwd<T, VEC, Activation::kGeluTanh>(p, plan, workspace, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T>
-cudaError_t bwd_typed(const BiasActBwdParams& p, int num_sms, cudaStream_t stream) {
-  const Plan plan = make_plan(p, /*bwd=*/true, p.grad_out, p.grad_input, num_sms);
-  if (p.grad_bias != nullptr && p.workspace == nullptr) return cudaErrorInvalidValue;
-  cudaError_t err = plan.vec ? bwd_by_act<T, cuda::kVecElems<T>>(p, plan, stream)
-                             : bwd_by_act<T, 1>(p, plan, stream);
+cudaError_t bwd_typed(const BiasActBwdParams& p, const Plan& plan, float* workspace, cudaStream_t stream) {
+  cudaError_t err = plan.vec ? bwd_by_act<T, cuda::kVecElems<T>>(p, plan, workspace, stream)
+                             : bwd_by_act<T, 1>(p, plan, workspace, stream);
   if (err != cudaSuccess || p.grad_bias == nullptr) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{32});
   TX_LAUNCH(bias_grad_finalize_kernel, static_cast<unsigned>(grid), dim3(32, 16), 0, stream)(
-      p.workspace, plan.grid_y, p.cols, static_cast<float*>(p.grad_bias));
+      workspace, plan.grid_y, p.cols, static_cast<float*>(p.grad_bias));
   return cudaGetLastError();
+}
+
+Plan bwd_plan(const BiasActBwdParams& p, const DeviceInfo& device) {
+  return make_plan(p, /*bwd=*/true, p.grad_out, p.grad_input, device.num_sms);
+}
+
+size_t partials_bytes(const BiasActBwdParams& p, const Plan& plan) {
+  if (p.grad_bias == nullptr) return 0;
+  return static_cast<size_t>(plan.grid_y) * static_cast<size_t>(p.cols) * sizeof(float);
 }
 
 }  // namespace
 
-cudaError_t bias_act_fwd_cuda(const BiasActParams& params, cudaStream_t stream) {
+size_t bias_act_fwd_workspace_bytes(const BiasActParams&, const DeviceInfo&) { return 0; }
+
+cudaError_t bias_act_fwd_cuda(const BiasActParams& params, const DeviceInfo&, void*, size_t,
+                              cudaStream_t stream) {
   if (params.rows <= 0 || params.cols <= 0) return cudaSuccess;
-  switch (params.dtype) {
-    case DType::kFloat32: return fwd_typed<float>(params, stream);
-    case DType::kFloat16: return fwd_typed<__half>(params, stream);
-    case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(params, stream);
-    default: return cudaErrorNotSupported;
-  }
+  return cuda::dispatch_dtype</*kWithFp64=*/false>(params.dtype, [&](auto tag) {
+    return fwd_typed<typename decltype(tag)::type>(params, stream);
+  });
 }
 
-size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& params, int num_sms) {
-  if (params.rows <= 0 || params.cols <= 0 || params.grad_bias == nullptr) return 0;
-  const Plan plan = make_plan(params, /*bwd=*/true, params.grad_out, params.grad_input, num_sms);
-  return static_cast<size_t>(plan.grid_y) * static_cast<size_t>(params.cols) * sizeof(float);
+size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& params, const DeviceInfo& device) {
+  if (params.rows <= 0 || params.cols <= 0) return 0;
+  return partials_bytes(params, bwd_plan(params, device));
 }
 
-cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, int num_sms, cudaStream_t stream) {
+cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, const DeviceInfo& device,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (params.rows <= 0 || params.cols <= 0) {
     // Nothing to launch; an empty batch still has a (zero) bias gradient of `cols` entries.
     if (params.grad_bias != nullptr && params.cols > 0) {
@@ -404,12 +414,11 @@ cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, int num_sms, cudaS
     }
     return cudaSuccess;
   }
-  switch (params.dtype) {
-    case DType::kFloat32: return bwd_typed<float>(params, num_sms, stream);
-    case DType::kFloat16: return bwd_typed<__half>(params, num_sms, stream);
-    case DType::kBFloat16: return bwd_typed<__nv_bfloat16>(params, num_sms, stream);
-    default: return cudaErrorNotSupported;
-  }
+  const Plan plan = bwd_plan(params, device);
+  if (!workspace_ok(workspace, workspace_bytes, partials_bytes(params, plan))) return cudaErrorInvalidValue;
+  return cuda::dispatch_dtype</*kWithFp64=*/false>(params.dtype, [&](auto tag) {
+    return bwd_typed<typename decltype(tag)::type>(params, plan, static_cast<float*>(workspace), stream);
+  });
 }
 
 }  // namespace tx_kernels

@@ -1,5 +1,10 @@
-// launchers.h: the CUDA entry points. Each takes a params struct and a stream, returns the first
-// CUDA error it met (launch or configuration), and never synchronizes or allocates.
+// launchers.h: the CUDA entry points. Every op has the same pair:
+//   size_t      <op>_workspace_bytes(params, device)   scratch the launch needs (0: none)
+//   cudaError_t <op>_cuda(params, device, workspace, workspace_bytes, stream)
+// The workspace is caller-owned device memory of at least that many bytes, 16-byte aligned, its
+// contents irrelevant (a smaller or misaligned one is cudaErrorInvalidValue; nullptr is fine when
+// 0 bytes are needed). A launcher returns the first CUDA error it met (configuration or launch)
+// and never synchronizes, allocates or queries the device.
 #pragma once
 
 #include <cstddef>
@@ -10,23 +15,35 @@
 
 namespace tx_kernels {
 
-cudaError_t attention_fwd_cuda(const AttentionParams& params, cudaStream_t stream);
-// Split-KV (decode) scratch: bytes attention_fwd_cuda may use for this problem (0: none). Pass a
-// buffer of at least that size (16-byte aligned, contents irrelevant) to the overload below; with
-// none, or a smaller one, the forward still runs, unsplit.
-size_t attention_fwd_workspace_bytes(const AttentionParams& params);
-cudaError_t attention_fwd_cuda(const AttentionParams& params, void* workspace, size_t workspace_bytes,
-                               cudaStream_t stream);
-// Bytes of scratch attention_bwd_cuda needs in params.workspace for this problem.
-size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
-cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, cudaStream_t stream);
+size_t attention_fwd_workspace_bytes(const AttentionParams& params, const DeviceInfo& device);
+cudaError_t attention_fwd_cuda(const AttentionParams& params, const DeviceInfo& device,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-cudaError_t layer_norm_fwd_cuda(const LayerNormParams& params, cudaStream_t stream);
-size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& params, int num_sms);
-cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& params, int num_sms, cudaStream_t stream);
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params, const DeviceInfo& device);
+cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, const DeviceInfo& device,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-cudaError_t bias_act_fwd_cuda(const BiasActParams& params, cudaStream_t stream);
-size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& params, int num_sms);
-cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, int num_sms, cudaStream_t stream);
+size_t layer_norm_fwd_workspace_bytes(const LayerNormParams& params, const DeviceInfo& device);
+cudaError_t layer_norm_fwd_cuda(const LayerNormParams& params, const DeviceInfo& device,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& params, const DeviceInfo& device);
+cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& params, const DeviceInfo& device,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+size_t bias_act_fwd_workspace_bytes(const BiasActParams& params, const DeviceInfo& device);
+cudaError_t bias_act_fwd_cuda(const BiasActParams& params, const DeviceInfo& device,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& params, const DeviceInfo& device);
+cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, const DeviceInfo& device,
+                              void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// The workspace rule above, for the launchers.
+inline bool workspace_ok(const void* workspace, size_t workspace_bytes, size_t needed) {
+  if (needed == 0) return true;
+  return workspace != nullptr && workspace_bytes >= needed &&
+         (reinterpret_cast<uintptr_t>(workspace) & 15u) == 0;
+}
 
 }  // namespace tx_kernels

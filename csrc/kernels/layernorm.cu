@@ -11,7 +11,7 @@
 //      chunk c of the row goes to thread c % tpr (coalesced), so a thread holds ITEMS chunks.
 //   2. mean = sum(s) / cols, then var = sum((s - mean)^2) / cols from the registers (two-pass, no
 //      E[x^2] - E[x]^2 cancellation), both as fixed-order group reductions.
-//   3. residual_out = s, out = (s - mean) * rstd * w + b, mean/rstd.
+//   3. residual_out = s (when wanted), out = (s - mean) * rstd * w + b, mean/rstd.
 //   Normalizing the rounded sum, not the fp32 one, keeps the forward consistent with the backward,
 //   which reads that sum back (residual_out): with few columns rstd is large enough to turn the
 //   difference between the two into wrong gradients (the CPU kernel does the same).
@@ -23,9 +23,10 @@
 // Backward (g = dy * w, xhat = (x - mean) * rstd, with mean/rstd saved by the forward):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_residual_out)
 //   dw = sum over rows of dy * xhat,   db = sum over rows of dy
-//   Same row groups and register caching as the forward; the grid is persistent (a few CTAs per
-//   SM, `num_sms` from the binding) and every thread accumulates dw/db for its columns over the
-//   rows its group visits. Each CTA then writes one partial row of dw and of db to the workspace
+//   x is the sum the forward wrote, or input + residual summed again while reading when the
+//   forward did not write it. Same row groups and register caching as the forward; the grid is
+//   persistent (a few CTAs per SM, DeviceInfo::num_sms) and every thread accumulates dw/db for
+//   its columns over the rows its group visits. Each CTA then writes one partial row of dw and of db to the workspace
 //   (row groups of one CTA are summed first, in group order, through shared memory), and a
 //   second kernel sums the partials of every column in a fixed order. No atomics anywhere, so
 //   the gradients are bit-identical from run to run (for a given GPU: the grid follows num_sms).
@@ -36,6 +37,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "dispatch.cuh"
 #include "launchers.h"
 
 namespace tx_kernels {
@@ -171,12 +173,12 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
         static_cast<float*>(p.rstd)[row] = rstd;
       }
       T* o_row = out + row * p.cols;
-      T* ro_row = residual_out + row * p.cols;  // only dereferenced with a residual
+      T* ro_row = residual_out + row * p.cols;  // only dereferenced when wanted
 #pragma unroll
       for (int k = 0; k < ITEMS; ++k) {
         const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
         if (c < n) {
-          if (residual != nullptr) store_vec<T, VEC>(ro_row + c * VEC, s[k]);
+          if (residual_out != nullptr) store_vec<T, VEC>(ro_row + c * VEC, s[k]);
           float w[VEC], b[VEC];
           if (weight != nullptr) {
             load_f32<VEC>(weight + c * VEC, w);
@@ -236,7 +238,7 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
     }
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
       const float s = load(c);
-      if (r_row != nullptr) residual_out[row * p.cols + c] = from_float<T>(s);
+      if (residual_out != nullptr) residual_out[row * p.cols + c] = from_float<T>(s);
       const float w = p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f;
       const float b = p.bias != nullptr ? static_cast<const float*>(p.bias)[c] : 0.0f;
       out[row * p.cols + c] = from_float<T>((s - mean) * rstd * w + b);
@@ -250,12 +252,14 @@ layer_norm_fwd_fallback_kernel(const LayerNormParams p) {
 // Dynamic shared memory: 2 * cols floats when blockDim.y > 1 and want_partials, else none.
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(bwd_max_threads(VEC, ITEMS))
-layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool workspace_vec) {
+layer_norm_bwd_kernel(const LayerNormBwdParams p, float* workspace, bool want_partials,
+                      bool workspace_vec) {
   TX_SHARED(float[64 * cuda::kMaxGroups], red);
   TX_DYNAMIC_SHARED(float, col_smem);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ grad_res = static_cast<const T*>(p.grad_residual_out);
   const T* __restrict__ input = static_cast<const T*>(p.input);
+  const T* __restrict__ residual = static_cast<const T*>(p.residual);
   const float* __restrict__ weight = static_cast<const float*>(p.weight);
   T* __restrict__ grad_input = static_cast<T*>(p.grad_input);
 
@@ -290,6 +294,19 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
       for (int k = 0; k < ITEMS; ++k) {
         const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
         if (c < n) load_vec<T, VEC>(x_row + c * VEC, xh[k]);
+      }
+      if (residual != nullptr) {
+        const T* r_row = residual + row * p.cols;
+#pragma unroll
+        for (int k = 0; k < ITEMS; ++k) {
+          const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
+          float r[VEC];
+          if (c < n) {
+            load_vec<T, VEC>(r_row + c * VEC, r);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) xh[k][v] = round_to<T>(xh[k][v] + r[v]);
+          }
+        }
       }
 #pragma unroll
       for (int k = 0; k < ITEMS; ++k) {
@@ -350,8 +367,8 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
 
   if (!want_partials) return;
   const int64_t num_partials = gridDim.x;
-  float* ws_w = p.workspace + static_cast<int64_t>(blockIdx.x) * p.cols;
-  float* ws_b = p.workspace + (num_partials + blockIdx.x) * p.cols;
+  float* ws_w = workspace + static_cast<int64_t>(blockIdx.x) * p.cols;
+  float* ws_b = workspace + (num_partials + blockIdx.x) * p.cols;
   if (blockDim.y == 1) {
     // Every chunk of the row has exactly one owner thread in this CTA.
 #pragma unroll
@@ -399,6 +416,13 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p, bool want_partials, bool works
   }
 }
 
+// The value the forward normalized at element `off` of the contiguous (rows, cols) inputs.
+template <typename T>
+__device__ __forceinline__ float normalized_at(const LayerNormBwdParams& p, int64_t off) {
+  const float x = to_float(static_cast<const T*>(p.input)[off]);
+  return p.residual != nullptr ? round_to<T>(x + to_float(static_cast<const T*>(p.residual)[off])) : x;
+}
+
 // Backward fallback, grad_input only: one CTA (kFallbackThreads x 1) per row, two sweeps.
 template <typename T>
 __global__ void __launch_bounds__(kFallbackThreads)
@@ -406,7 +430,6 @@ layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
   TX_SHARED(float[64], red);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
   const T* __restrict__ grad_res = static_cast<const T*>(p.grad_residual_out);
-  const T* __restrict__ input = static_cast<const T*>(p.input);
   T* __restrict__ grad_input = static_cast<T*>(p.grad_input);
   const float inv_cols = 1.0f / static_cast<float>(p.cols);
 
@@ -415,7 +438,7 @@ layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
     const int64_t off = row * p.cols;
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      const float xhat = (to_float(input[off + c]) - mean) * rstd;
+      const float xhat = (normalized_at<T>(p, off + c) - mean) * rstd;
       const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f);
       sum_g += g;
       sum_gx += g * xhat;
@@ -423,7 +446,7 @@ layer_norm_bwd_dx_fallback_kernel(const LayerNormBwdParams p) {
     group_reduce_sum2(sum_g, sum_gx, red);
     const float a = sum_g * inv_cols, b = sum_gx * inv_cols;
     for (int64_t c = threadIdx.x; c < p.cols; c += blockDim.x) {
-      const float xhat = (to_float(input[off + c]) - mean) * rstd;
+      const float xhat = (normalized_at<T>(p, off + c) - mean) * rstd;
       const float g = to_float(grad_out[off + c]) * (p.weight != nullptr ? static_cast<const float*>(p.weight)[c] : 1.0f);
       float dx = rstd * (g - a - xhat * b);
       if (grad_res != nullptr) dx += to_float(grad_res[off + c]);
@@ -440,11 +463,10 @@ constexpr int kColTileX = 32, kColTileY = 16;
 
 template <typename T>
 __global__ void __launch_bounds__(kColTileX * kColTileY)
-layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p) {
+layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p, float* workspace) {
   TX_SHARED(float[kColTileY][kColTileX + 1], sw);
   TX_SHARED(float[kColTileY][kColTileX + 1], sb);
   const T* __restrict__ grad_out = static_cast<const T*>(p.grad_out);
-  const T* __restrict__ input = static_cast<const T*>(p.input);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTileX + threadIdx.x;
   const int64_t num_partials = gridDim.y;
   float aw = 0.0f, ab = 0.0f;
@@ -453,7 +475,8 @@ layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p) {
     for (int64_t r = static_cast<int64_t>(blockIdx.y) * kColTileY + threadIdx.y; r < p.rows;
          r += num_partials * kColTileY) {
       const float dy = to_float(grad_out[r * p.cols + col]);
-      const float xhat = (to_float(input[r * p.cols + col]) - static_cast<const float*>(p.mean)[r]) * static_cast<const float*>(p.rstd)[r];
+      const float xhat = (normalized_at<T>(p, r * p.cols + col) - static_cast<const float*>(p.mean)[r]) *
+                         static_cast<const float*>(p.rstd)[r];
       aw += dy * xhat;
       ab += dy;
     }
@@ -467,8 +490,8 @@ layer_norm_bwd_colsum_kernel(const LayerNormBwdParams p) {
       tw += sw[y][threadIdx.x];
       tb += sb[y][threadIdx.x];
     }
-    p.workspace[static_cast<int64_t>(blockIdx.y) * p.cols + col] = tw;
-    p.workspace[(num_partials + blockIdx.y) * p.cols + col] = tb;
+    workspace[static_cast<int64_t>(blockIdx.y) * p.cols + col] = tw;
+    workspace[(num_partials + blockIdx.y) * p.cols + col] = tb;
   }
 }
 
@@ -580,7 +603,7 @@ cudaError_t layer_norm_fwd_typed(const LayerNormParams& p, cudaStream_t stream) 
   const bool has_res = p.residual != nullptr;
   const bool vec_ok = p.cols % V == 0 && is_aligned(p.input, 16) && p.input_row_stride % V == 0 &&
                       (!has_res || (is_aligned(p.residual, 16) && p.residual_row_stride % V == 0 &&
-                                    is_aligned(p.residual_out, 16))) &&
+                                    ptr_ok(p.residual_out))) &&
                       is_aligned(p.out, 16) && ptr_ok(p.weight) && ptr_ok(p.bias);
   const int vec = vec_ok ? V : 1;
   const RowConfig cfg = pick_row_config(p.cols / vec, vec, /*bwd=*/false);
@@ -618,7 +641,7 @@ BwdPlan plan_bwd(const LayerNormBwdParams& p, int num_sms) {
   const int esize = dtype_size(p.dtype);
   const int V = esize > 0 ? 16 / esize : 1;
   plan.vec = esize > 0 && p.cols % V == 0 && is_aligned(p.grad_out, 16) &&
-             ptr_ok(p.grad_residual_out) && is_aligned(p.input, 16) &&
+             ptr_ok(p.grad_residual_out) && is_aligned(p.input, 16) && ptr_ok(p.residual) &&
              is_aligned(p.grad_input, 16) && ptr_ok(p.weight);
   const int vec = plan.vec ? V : 1;
   plan.cfg = pick_row_config(p.cols / vec, vec, /*bwd=*/true);
@@ -650,30 +673,30 @@ BwdPlan plan_bwd(const LayerNormBwdParams& p, int num_sms) {
 }
 
 template <typename T, int VEC, int ITEMS>
-void launch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, bool ws_vec,
+void launch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, float* workspace, bool ws_vec,
                 cudaStream_t stream) {
   const dim3 block(plan.cfg.tpr, plan.rows_per_cta);
   const auto kernel = layer_norm_bwd_kernel<T, VEC, ITEMS>;
-  TX_LAUNCH(kernel, static_cast<unsigned>(plan.grid), block, plan.smem, stream)(p, plan.want_partials,
-                                                                       ws_vec);
+  TX_LAUNCH(kernel, static_cast<unsigned>(plan.grid), block, plan.smem, stream)(
+      p, workspace, plan.want_partials, ws_vec);
 }
 
 template <typename T, int VEC>
-cudaError_t dispatch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, bool ws_vec,
-                         cudaStream_t stream) {
+cudaError_t dispatch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, float* workspace,
+                         bool ws_vec, cudaStream_t stream) {
   switch (plan.cfg.items) {
-    case 1: launch_bwd<T, VEC, 1>(p, plan, ws_vec, stream); break;
-    case 2: launch_bwd<T, VEC, 2>(p, plan, ws_vec, stream); break;
+    case 1: launch_bwd<T, VEC, 1>(p, plan, workspace, ws_vec, stream); break;
+    case 2: launch_bwd<T, VEC, 2>(p, plan, workspace, ws_vec, stream); break;
     case 4:
-      if constexpr (VEC * 4 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 4>(p, plan, ws_vec, stream);
+      if constexpr (VEC * 4 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 4>(p, plan, workspace, ws_vec, stream);
       else return cudaErrorInvalidConfiguration;
       break;
     case 8:
-      if constexpr (VEC * 8 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 8>(p, plan, ws_vec, stream);
+      if constexpr (VEC * 8 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 8>(p, plan, workspace, ws_vec, stream);
       else return cudaErrorInvalidConfiguration;
       break;
     case 16:
-      if constexpr (VEC * 16 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 16>(p, plan, ws_vec, stream);
+      if constexpr (VEC * 16 <= bwd_max_elems(VEC)) launch_bwd<T, VEC, 16>(p, plan, workspace, ws_vec, stream);
       else return cudaErrorInvalidConfiguration;
       break;
     default: return cudaErrorInvalidConfiguration;
@@ -682,62 +705,64 @@ cudaError_t dispatch_bwd(const LayerNormBwdParams& p, const BwdPlan& plan, bool 
 }
 
 template <typename T>
-cudaError_t layer_norm_bwd_typed(const LayerNormBwdParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t layer_norm_bwd_typed(const LayerNormBwdParams& p, const BwdPlan& plan, float* workspace,
+                                 cudaStream_t stream) {
   constexpr int V = cuda::kVecElems<T>;
-  const BwdPlan plan = plan_bwd(p, num_sms);
-  if (plan.want_partials && p.workspace == nullptr) return cudaErrorInvalidValue;
   cudaError_t err;
   if (!plan.fallback) {
     // 2 * cols floats of dynamic shared memory stay under the 48 KB default: rows_per_cta > 1
     // means tpr <= 256 and cols <= 256 * kBwdMaxElems = 4096.
-    const bool ws_vec = is_aligned(p.workspace, 16);
-    err = plan.vec ? dispatch_bwd<T, V>(p, plan, ws_vec, stream)
-                   : dispatch_bwd<T, 1>(p, plan, ws_vec, stream);
+    const bool ws_vec = is_aligned(workspace, 16);
+    err = plan.vec ? dispatch_bwd<T, V>(p, plan, workspace, ws_vec, stream)
+                   : dispatch_bwd<T, 1>(p, plan, workspace, ws_vec, stream);
   } else {
     TX_LAUNCH(layer_norm_bwd_dx_fallback_kernel<T>, static_cast<unsigned>(plan.grid), kFallbackThreads, 0, stream)(p);
     err = cudaGetLastError();
     if (err == cudaSuccess && plan.want_partials) {
       const dim3 grid(static_cast<unsigned>(plan.col_grid_x), static_cast<unsigned>(plan.partials));
-      TX_LAUNCH(layer_norm_bwd_colsum_kernel<T>, grid, dim3(kColTileX, kColTileY), 0, stream)(p);
+      TX_LAUNCH(layer_norm_bwd_colsum_kernel<T>, grid, dim3(kColTileX, kColTileY), 0, stream)(p, workspace);
       err = cudaGetLastError();
     }
   }
   if (err != cudaSuccess || !plan.want_partials) return err;
   const int64_t grid = ceil_div(p.cols, int64_t{kColTileX});
   TX_LAUNCH(layer_norm_bwd_finalize_kernel, static_cast<unsigned>(grid), dim3(kColTileX, kColTileY), 0,
-            stream)(p.workspace, plan.partials, p.cols, static_cast<float*>(p.grad_weight),
+            stream)(workspace, plan.partials, p.cols, static_cast<float*>(p.grad_weight),
                     static_cast<float*>(p.grad_bias));
   return cudaGetLastError();
 }
 
+size_t partials_bytes(const LayerNormBwdParams& p, const BwdPlan& plan) {
+  if (!plan.want_partials) return 0;
+  return 2 * static_cast<size_t>(plan.partials) * static_cast<size_t>(p.cols) * sizeof(float);
+}
+
 }  // namespace
 
-cudaError_t layer_norm_fwd_cuda(const LayerNormParams& params, cudaStream_t stream) {
-  if (params.rows <= 0 || params.cols <= 0) return cudaSuccess;
-  switch (params.dtype) {
-    case DType::kFloat32: return layer_norm_fwd_typed<float>(params, stream);
-    case DType::kFloat16: return layer_norm_fwd_typed<__half>(params, stream);
-    case DType::kBFloat16: return layer_norm_fwd_typed<__nv_bfloat16>(params, stream);
-    default: return cudaErrorNotSupported;
-  }
-}
+size_t layer_norm_fwd_workspace_bytes(const LayerNormParams&, const DeviceInfo&) { return 0; }
 
-size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& params, int num_sms) {
-  if (params.rows <= 0 || params.cols <= 0) return 0;
-  const BwdPlan plan = plan_bwd(params, num_sms);
-  if (!plan.want_partials) return 0;
-  return 2 * static_cast<size_t>(plan.partials) * static_cast<size_t>(params.cols) * sizeof(float);
-}
-
-cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& params, int num_sms,
+cudaError_t layer_norm_fwd_cuda(const LayerNormParams& params, const DeviceInfo&, void*, size_t,
                                 cudaStream_t stream) {
   if (params.rows <= 0 || params.cols <= 0) return cudaSuccess;
-  switch (params.dtype) {
-    case DType::kFloat32: return layer_norm_bwd_typed<float>(params, num_sms, stream);
-    case DType::kFloat16: return layer_norm_bwd_typed<__half>(params, num_sms, stream);
-    case DType::kBFloat16: return layer_norm_bwd_typed<__nv_bfloat16>(params, num_sms, stream);
-    default: return cudaErrorNotSupported;
-  }
+  return cuda::dispatch_dtype</*kWithFp64=*/false>(params.dtype, [&](auto tag) {
+    return layer_norm_fwd_typed<typename decltype(tag)::type>(params, stream);
+  });
+}
+
+size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& params, const DeviceInfo& device) {
+  if (params.rows <= 0 || params.cols <= 0) return 0;
+  return partials_bytes(params, plan_bwd(params, device.num_sms));
+}
+
+cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& params, const DeviceInfo& device,
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (params.rows <= 0 || params.cols <= 0) return cudaSuccess;
+  const BwdPlan plan = plan_bwd(params, device.num_sms);
+  if (!workspace_ok(workspace, workspace_bytes, partials_bytes(params, plan))) return cudaErrorInvalidValue;
+  return cuda::dispatch_dtype</*kWithFp64=*/false>(params.dtype, [&](auto tag) {
+    return layer_norm_bwd_typed<typename decltype(tag)::type>(params, plan, static_cast<float*>(workspace),
+                                                             stream);
+  });
 }
 
 }  // namespace tx_kernels

@@ -13,6 +13,15 @@ namespace tx_kernels {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kBool = 4 };
 
+// What a CUDA launcher may know of the device it launches on, filled by the binding (kernels
+// never query the device themselves): the SM count sizes persistent grids and the split-KV
+// decision; the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin) decides which tile
+// configurations fit. Zero means unknown: launchers then assume the smallest sm_80+ values.
+struct DeviceInfo {
+  int num_sms = 0;
+  int64_t max_smem_per_block = 0;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Attention: out = softmax(scale * q k^T + mask) v, per (batch n, head h).
 //   q   (N, H,   L, E)    k (N, Hkv, S, E)    v (N, Hkv, S, Ev)    out (N, H, L, Ev)
@@ -67,10 +76,6 @@ struct AttentionParams {
   // those lengths. No mask; is_causal is top-left aligned within each sequence.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
-
-  // Filled by CUDA bindings from the device: kernels never query it themselves.
-  int num_sms = 0;
-  int64_t max_smem_per_block = 0;
 };
 
 struct AttentionBwdParams : AttentionParams {
@@ -89,10 +94,7 @@ struct AttentionBwdParams : AttentionParams {
   // requested.
   void* dmask = nullptr;
 
-  // Scratch owned by the binding, sized by the launcher's workspace query (CUDA): D = rowsum(dO*O)
-  // and fp32 dq accumulators.
-  float* workspace = nullptr;
-  bool deterministic = false;
+  bool deterministic = false;  // CUDA: dQ without atomics, bitwise reproducible
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -117,8 +119,8 @@ struct LayerNormParams {
   const void* bias = nullptr;    // statistics type
 
   void* out = nullptr;
-  void* residual_out = nullptr;  // written when residual != nullptr; may be nullptr then (not
-                                 // wanted; the CUDA kernels still need it: their binding passes one)
+  void* residual_out = nullptr;  // the sum s, written when residual and residual_out are set;
+                                 // nullptr: not wanted (the backward then takes the residual)
   void* mean = nullptr;  // statistics type
   void* rstd = nullptr;  // statistics type
 };
@@ -134,8 +136,8 @@ struct LayerNormBwdParams {
   const void* grad_residual_out = nullptr;  // contiguous (rows, cols) or nullptr
   const void* input = nullptr;              // contiguous (rows, cols)
   // When set, the normalized tensor is input + residual (contiguous (rows, cols)), summed while
-  // reading (and rounded to the data type, as the forward did): the post-LN form whose forward
-  // did not write the sum. CPU kernels only.
+  // reading (and rounded to the data type, as the forward did): the form whose forward did not
+  // write the sum (residual_out == nullptr).
   const void* residual = nullptr;
   // mean, rstd, weight and the parameter gradients have the statistics type (see above).
   const void* mean = nullptr;
@@ -145,10 +147,6 @@ struct LayerNormBwdParams {
   void* grad_input = nullptr;    // contiguous (rows, cols)
   void* grad_weight = nullptr;   // (cols) or nullptr when not wanted
   void* grad_bias = nullptr;     // (cols) or nullptr when not wanted
-
-  // Scratch for the deterministic two-stage weight/bias reduction (CUDA): fp32, sized by the
-  // launcher's workspace query.
-  float* workspace = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -175,7 +173,6 @@ struct BiasActBwdParams : BiasActParams {
   const void* grad_out = nullptr;  // contiguous (rows, cols)
   void* grad_input = nullptr;      // contiguous (rows, cols): also the gradient of the bias' rows
   void* grad_bias = nullptr;       // (cols) or nullptr when not wanted
-  float* workspace = nullptr;      // CUDA: deterministic two-stage bias-gradient reduction
 };
 
 }  // namespace tx_kernels
