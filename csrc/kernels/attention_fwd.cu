@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
   for (int64_t j0 = 0; j0 < j_end; j0 += 32) {
     const int64_t j = j0 + lane;
     Acc s = -static_cast<Acc>(kInf);
-    if (j < j_end) s = masked_score(a, dot_row(sq, k + j * a.k_stride[2], E), log2e, n, h, i, j);
+    if (j < j_end) s = add_mask_bias(a, dot_row(sq, k + j * a.k_stride[2], E), log2e, n, h, i, j);
     Acc m_use;
     const Acc alpha = softmax_rescale(m, warp_reduce_max(s), m_use);
     Acc p = fast_exp2(s - m_use);
