@@ -16,6 +16,11 @@ pipeline for this model), under torch.no_grad:
 - tx_padded: tx_kernels.models.BertModel on the padded batch (padding_free=False): the fusions alone;
 - tx_padding_free: the same model packing the real tokens (attention_varlen);
 - tx_patch_st: tx_kernels.patch(SentenceTransformer): the patched HF model inside, padding-free.
+- gemm_floor: the model's fp32 GEMMs alone on the real tokens (ATen's mm with its weights: Q/K/V,
+  attention output, FFN in and out of every layer; no bias, nothing else). No exact fp32 provider
+  on the same BLAS can beat it, and padded providers run their GEMMs on all N x S tokens: a
+  provider's time over this one is the share of its work outside the GEMMs (the roofline of this
+  benchmark, reported with the others; not a usable pipeline).
 Throughput: real (non-padding) tokens per second.
 
 Run with the suite: python -m benchmarks.run --only embeddings [--quick] [--compile]
@@ -186,9 +191,28 @@ def _providers(compile_hf):
                 return st({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})["sentence_embedding"]
         return run
 
+    def gemm_floor_fn():
+        if ("tx",) not in _CACHE:
+            _CACHE[("tx",)] = BertModel.from_hf(_hf()).eval()
+        weights = [(layer.attention.qkv.weight, layer.attention.output.dense.weight,
+                    layer.intermediate.dense.weight, layer.output.dense.weight)
+                   for layer in _CACHE[("tx",)].encoder.layer]
+
+        def run(batch):
+            _, mask, _ = batch
+            x = torch.randn(int(mask.sum()), weights[0][0].shape[1])
+            with torch.no_grad():
+                for w_qkv, w_out, w_in, w_ffn_out in weights:
+                    torch.mm(x, w_qkv.t())
+                    torch.mm(x, w_out.t())
+                    torch.mm(torch.mm(x, w_in.t()), w_ffn_out.t())
+            return x
+        return run
+
     out = {"hf_sdpa": lambda: hf_fn(_hf()),
            "tx_padded": lambda: tx_fn(False),
-           "tx_padding_free": lambda: tx_fn(True)}
+           "tx_padding_free": lambda: tx_fn(True),
+           "gemm_floor": gemm_floor_fn}
     try:
         import onnxruntime  # noqa: F401
         import onnx  # noqa: F401

@@ -36,7 +36,6 @@ def _encoder_cases(device, quick):
     N, L, d, H, ff = (4, 64, 128, 4, 512) if quick else (8, 128, 256, 4, 1024)
     if device == "cuda":
         N, L, d, H, ff = (8, 512, 768, 12, 3072)
-    dtype = torch.float32
     shape = f"N={N} L={L} d={d} H={H} ff={ff} post-LN relu"
     out = []
     for provider, cls in (("tx_kernels", tnn.TransformerEncoderLayer), ("torch_nn", nn.TransformerEncoderLayer)):

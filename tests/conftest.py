@@ -76,6 +76,22 @@ def assert_within_torch_error(ours, torch_same_precision, ref, factor=2.0, atol=
         f"{name}: max error {ours_err:.3e} vs stock torch {torch_err:.3e} (allowed {factor}x + {atol})")
 
 
+def check_low(ours, torch_lp, ref, name):
+    """The 2x rule for a low-precision result, errors measured in fp32 against an fp32 reference."""
+    assert_within_torch_error(ours.float(), torch_lp.float(), ref.float(), factor=2.0, atol=1e-6, name=name)
+
+
+def check_rel_err(ours, ref, name, tol):
+    """Finite, and relative error under `tol` (the full-precision rule)."""
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = rel_err(ours, ref)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.0e}"
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
 def assert_attention_within_torch_error(out, torch_out, ref, ours_in, torch_in, ref_in):
     """The 2x rule for an attention output and the gradients of its (q, k, v): ours from
     `ours_in`, stock torch's in the same precision from `torch_in`, the float64 reference's from
@@ -102,8 +118,8 @@ def _fresh_seed(request):
 def poison():
     """Poisoned outputs on the CPU: c10's allocator fills every new allocation with a junk pattern
     (NaN as fp32, ~1.7e308 as fp64) while this fixture is active, so an output element a kernel
-    fails to write shows up as a huge error against the reference. (CUDA tests poison through the
-    caching allocator instead; see tests/test_cuda_*.py.)"""
+    fails to write shows up as a huge error against the reference. (A GPU is poisoned through the
+    caching allocator instead: cuda_backends.BE.poison_blocks.)"""
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
     flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_cpu_allocator_do_junk_fill")
     old = flag.value
@@ -114,27 +130,40 @@ def poison():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA kernel backends (tests/test_cuda_*.py): the emulator always, a GPU when present
+# Op backends (tests/cuda_backends.py): cpu, the CUDA emulator always, a GPU when present
 # ----------------------------------------------------------------------------------------------
 import cuda_backends  # noqa: E402
 
 
-@pytest.fixture(params=cuda_backends.backend_names())
-def cuda_backend(request, monkeypatch):
+def _use_backend(request, monkeypatch):
     name = request.param
-    request.node.user_properties.append(("cuda_backend", name))
+    request.node.user_properties.append(("backend", name))
     if name == "emu":
         cuda_backends.load_emulator()
-        # Junk-filled CPU allocations for the whole test: every output element the kernel does
-        # not write reads as NaN (fp32/fp16/bf16 halves) or ~1.7e308 (fp64).
+    # Junk-filled CPU allocations for the whole test: every output element the kernel does not
+    # write reads as NaN (fp32/fp16/bf16 halves) or ~1.7e308 (fp64). (A GPU is poisoned through
+    # the caching allocator instead: BE.poison_blocks.)
+    if name in ("cpu", "emu"):
         request.getfixturevalue("poison")
     cuda_backends.activate(name, monkeypatch)
     yield cuda_backends.BE
     cuda_backends.deactivate()
 
 
+@pytest.fixture(params=cuda_backends.backend_names())
+def backend(request, monkeypatch):
+    """Every backend of the op: the CPU kernels, the CUDA kernels emulated, a GPU."""
+    yield from _use_backend(request, monkeypatch)
+
+
+@pytest.fixture(params=cuda_backends.backend_names(cpu=False))
+def cuda_backend(request, monkeypatch):
+    """The CUDA kernels only: emulated, and on a GPU."""
+    yield from _use_backend(request, monkeypatch)
+
+
 def pytest_runtest_logreport(report):
-    backend = dict(report.user_properties).get("cuda_backend")
+    backend = dict(report.user_properties).get("backend")
     if backend is None or (report.when != "call" and not (report.when == "setup" and report.outcome != "passed")):
         return
     key = (report.nodeid.split("::")[0], backend, report.outcome)
@@ -144,25 +173,40 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if not cuda_backends.CASES:
         return
-    terminalreporter.section("CUDA kernel cases per backend")
+    terminalreporter.section("op cases per backend")
     for (path, name, outcome), n in sorted(cuda_backends.CASES.items()):
         terminalreporter.write_line(f"{path}: {n} {name} cases {outcome}")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu_only: a CUDA kernel case too large for the emulator (not collected for emu)")
-    config.addinivalue_line("markers", "emu_only: a case about the emulated device itself (not collected for cuda)")
+    config.addinivalue_line("markers", "backends(*names): collect the case for these backends only "
+                                       "(cpu, emu, cuda), e.g. for a property of one implementation")
+    config.addinivalue_line("markers", "collect_if(predicate): collect the case only where predicate(params) "
+                                       "holds, params being its parameters (e.g. fp64 on the CPU only)")
+    config.addinivalue_line("markers", "gpu_only: a case too large for the emulator and the CPU (cuda only)")
+    config.addinivalue_line("markers", "emu_only: a case about the emulated device itself (emu only)")
+
+
+def _collected(item):
+    params = getattr(item, "callspec", None) and item.callspec.params
+    if not params:
+        return True
+    name = params.get("backend", params.get("cuda_backend"))
+    if name is not None:
+        allowed = [m.args for m in item.iter_markers("backends")]
+        if item.get_closest_marker("gpu_only"):
+            allowed.append(("cuda",))
+        if item.get_closest_marker("emu_only"):
+            allowed.append(("emu",))
+        if any(name not in names for names in allowed):
+            return False
+    return all(m.args[0](params) for m in item.iter_markers("collect_if"))
 
 
 def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
-        backend = getattr(item, "callspec", None) and item.callspec.params.get("cuda_backend")
-        if (backend == "emu" and item.get_closest_marker("gpu_only")) or \
-                (backend == "cuda" and item.get_closest_marker("emu_only")):
-            drop.append(item)
-        else:
-            keep.append(item)
+        (keep if _collected(item) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -1,15 +1,19 @@
-"""The backends the CUDA kernel tests run on, and what those tests share.
+"""The backends the op tests run on, and what those tests share.
 
-Every test of tests/test_cuda_*.py runs once per backend: "emu" (always: csrc/kernels/*.cu run
-thread by thread on the CPU by tx_kernels.emu, CPU tensors, torch.ops.tx_kernels_emu) and "cuda"
-(a real GPU, when present and this build has the CUDA kernels). The tests read the active backend
-from BE (set by the `cuda_backend` fixture of conftest.py): BE.device for tensors, BE.ops for the
-operators, BE.poison_blocks / BE.sync around the calls.
+A test that takes the `backend` fixture of conftest.py runs once per backend present: "cpu" (the
+C++ CPU kernels, torch.ops.tx_kernels on CPU tensors), "emu" (always: csrc/kernels/*.cu run thread
+by thread on the CPU by tx_kernels.emu, CPU tensors, torch.ops.tx_kernels_emu) and "cuda" (a real
+GPU, when present and this build has the CUDA kernels); the `cuda_backend` fixture runs the CUDA
+kernels only (emu and cuda). The tests read the active backend from BE: BE.device for tensors,
+BE.ops for the operators, BE.poison_blocks / BE.sync around the calls. The markers
+`backends(...)` and `collect_if(predicate)` (conftest.py) keep a case off the backends it does not
+apply to: it is not collected there, rather than skipped.
 
 While "emu" is active, tx_kernels.functional and the autograd formulas of tx_kernels.ops call the
 emulated operators, so TF.* and loss.backward() run the emulated CUDA kernels (the same Python
 glue that routes to the real GPU).
 """
+import math
 import os
 
 import pytest
@@ -23,13 +27,24 @@ from tx_kernels import reference as R
 
 CPU_OPS = torch.ops.tx_kernels  # the C++ CPU kernels, for cross-checks that must not be emulated
 
+# Row widths of the memory-bound ops (LayerNorm, bias + activation) that reach every path of their
+# CUDA kernels: 1 and 7: one thread's worth; 768/4096/8192: the 16-byte path (8192 the last fp32
+# register-path width of the LayerNorm backward); 1023/8191: the scalar path; 12288: the
+# backward's block-per-row fallback; 16392: the forward's block-per-row fallback on the 16-byte path.
+CUDA_WIDTHS = [1, 7, 768, 1023, 4096, 8191, 8192, 12288, 16392]
+
+
+def rows_for(cols):
+    """Enough rows for statistics on small rows (and several rows per CTA / warp), fewer for wide ones."""
+    return 67 if cols <= 1024 else (9 if cols <= 12288 else 3)
+
 
 def gpu_present():
     return torch.cuda.is_available() and tx_kernels.ops.has_cuda_kernels()
 
 
-def backend_names():
-    return ["emu"] + (["cuda"] if gpu_present() else [])
+def backend_names(cpu=True):
+    return (["cpu"] if cpu else []) + ["emu"] + (["cuda"] if gpu_present() else [])
 
 
 class _Backend:
@@ -41,9 +56,14 @@ class _Backend:
     def emu(self):
         return self.name == "emu"
 
-    def pick(self, emu_value, gpu_value):
-        """A shape for this backend: the emulator runs every CUDA thread as a fiber on 2 cores."""
-        return emu_value if self.name == "emu" else gpu_value
+    @property
+    def cpu(self):
+        return self.name == "cpu"
+
+    def pick(self, emu_value, other_value):
+        """A shape for this backend: the emulator runs every CUDA thread as a fiber on 2 cores;
+        the CPU kernels and a GPU take the larger one."""
+        return emu_value if self.name == "emu" else other_value
 
     def sync(self):
         if self.name == "cuda":
@@ -55,8 +75,8 @@ class _Backend:
         cuda: allocate all-ones blocks of the given byte sizes and free them, so the caching
         allocator (512-byte size classes, same stream) hands them to the op's outputs. All-ones
         bytes are NaN in fp16, bf16, fp32 and fp64 alike.
-        emu: nothing to do; c10's junk fill (conftest's `poison`) is on for the whole test, so
-        every CPU allocation, the op's outputs and workspaces included, starts as junk."""
+        cpu, emu: nothing to do; c10's junk fill (conftest's `poison`) is on for the whole test,
+        so every CPU allocation, the op's outputs and workspaces included, starts as junk."""
         if self.name != "cuda":
             return []
         self.sync()
@@ -67,6 +87,16 @@ class _Backend:
 
 
 BE = _Backend()
+
+# torch.library.opcheck (schema, fake kernel, autograd registration) and torch.compile need an
+# op's fake kernel, which the tx_kernels ops have (cpu, cuda). The emulator's tx_kernels_emu ops
+# have none: they exist to run the CUDA binding on CPU tensors under the tx_kernels schema, and on
+# the emulator the numerical cases of each op file check that binding (output shapes, dtypes,
+# strides and values) and the autograd formulas of tx_kernels.ops instead.
+registered_ops = pytest.mark.backends("cpu", "cuda")
+# The CUDA binding has fp64 kernels for attention only; the memory-bound ops' fp64 cases run on
+# the CPU kernels (each file's test_fp64_rejected_on_cuda checks the error names the argument).
+fp64_on_cpu = pytest.mark.collect_if(lambda p: p.get("dtype") != torch.float64 or p["backend"] == "cpu")
 
 # Per-backend case counters for the session summary (conftest.pytest_terminal_summary).
 CASES = {}
@@ -119,12 +149,22 @@ def activate(name, monkeypatch):
         monkeypatch.setattr(tx_kernels.ops, "ops", BE.ops)
         monkeypatch.setattr(tx_kernels.functional, "ops", BE.ops)
     else:
-        BE.device = "cuda"
+        BE.device = name
         BE.ops = torch.ops.tx_kernels
 
 
 def deactivate():
     BE.name = BE.device = BE.ops = None
+
+
+def poison_outputs(*shapes_dtypes):
+    """BE.poison_blocks for outputs given as (shape, dtype): each block twice and at double size,
+    so the blocks also cover outputs the caching allocator rounds up."""
+    sizes = []
+    for shape, dtype in shapes_dtypes:
+        n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        sizes += [2 * n, n]
+    return BE.poison_blocks(sizes)
 
 
 def allocation_sizes(fn):

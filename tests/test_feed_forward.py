@@ -1,22 +1,29 @@
-"""tx_kernels.functional.feed_forward (Linear -> bias + activation -> Linear) against float64."""
+"""tx_kernels.functional.feed_forward (Linear -> bias + activation -> Linear) against float64, on
+every backend of its fused bias + activation (tests/cuda_backends.py: the CPU kernels, the CUDA
+kernels emulated, a GPU); the GEMMs run through ATen on the tensors' device."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tx_kernels.functional as TF
 from tx_kernels import reference as R
+from tx_kernels._activations import KERNEL as KERNEL_ACTIVATIONS
 
-from conftest import assert_within_torch_error, rel_err
+from conftest import assert_within_torch_error, check_low, check_rel_err, leaf, rel_err
+from cuda_backends import BE, fp64_on_cpu, registered_ops
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 ACTS = ["relu", "gelu", "gelu_tanh"]
 
 
 def _make(d, h, dtype, bias1=True, bias2=True, batch=(3, 17)):
-    x = torch.randn(*batch, d, dtype=dtype, requires_grad=True)
-    w1 = (torch.randn(h, d, dtype=dtype) / d**0.5).requires_grad_()
-    b1 = (torch.randn(h, dtype=dtype) * 0.1).requires_grad_() if bias1 else None
-    w2 = (torch.randn(d, h, dtype=dtype) / h**0.5).requires_grad_()
-    b2 = (torch.randn(d, dtype=dtype) * 0.1).requires_grad_() if bias2 else None
+    randn = lambda *s: torch.randn(*s, dtype=dtype, device=BE.device)  # noqa: E731
+    x = randn(*batch, d).requires_grad_()
+    w1 = (randn(h, d) / d**0.5).requires_grad_()
+    b1 = (randn(h) * 0.1).requires_grad_() if bias1 else None
+    w2 = (randn(d, h) / h**0.5).requires_grad_()
+    b2 = (randn(d) * 0.1).requires_grad_() if bias2 else None
     return x, w1, b1, w2, b2
 
 
@@ -24,6 +31,7 @@ def _double(ts):
     return [None if t is None else t.detach().double().requires_grad_() for t in ts]
 
 
+@fp64_on_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False), (False, False)])
@@ -43,6 +51,7 @@ def test_matches_reference(dtype, act, biases, d, h):
         assert rel_err(a, e) < 1e-4, rel_err(a, e)
 
 
+@pytest.mark.backends("cpu")  # fp64: the CPU kernels only
 def test_gradcheck_fp64():
     # b1 reaches the fused kernel as fp32 (params.h): a 1e-3 step keeps its rounding negligible.
     for act in ACTS:
@@ -64,7 +73,7 @@ def test_low_precision_within_torch_error(dtype, act):
     args = _make(64, 256, torch.float32, bias1=act != "relu", batch=(4, 9))
     args = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in args]
     x, w1, b1, w2, b2 = args
-    g = torch.randn(x.shape).to(dtype)
+    g = torch.randn(x.shape, device=BE.device).to(dtype)
     leaves = [t for t in args if t is not None]
     out = TF.feed_forward(*args, activation=act)
     ours = torch.autograd.grad(out, leaves, g)
@@ -100,11 +109,12 @@ def test_dropout_is_reproducible_and_scaled():
 
 def test_noncontiguous_input():
     x, w1, b1, w2, b2 = _make(16, 40, torch.float32)
-    xt = torch.randn(17, 3, 16).transpose(0, 1)
+    xt = torch.randn(17, 3, 16, device=BE.device).transpose(0, 1)
     assert torch.allclose(TF.feed_forward(xt, w1, b1, w2, b2, "gelu"),
                           TF.feed_forward(xt.contiguous(), w1, b1, w2, b2, "gelu"), atol=1e-6)
 
 
+@registered_ops
 def test_torch_compile_fullgraph():
     # One compile with the default (inductor) backend: the ops must trace as opaque custom ops
     # with the GEMMs around them, forward and backward.
@@ -133,3 +143,46 @@ def test_bad_inputs():
         TF.feed_forward(x, w1, b1, w2, b2, activation="tanh")
     with pytest.raises(TypeError, match="input"):
         TF.feed_forward(x.tolist(), w1, b1, w2, b2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Awkward sizes (129 features, 515 hidden) in every dtype
+# ---------------------------------------------------------------------------------------------
+def _torch_act(x, act):
+    """Stock torch's function for a kernel activation name (the table tx_kernels itself reads)."""
+    return KERNEL_ACTIVATIONS[act](x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_awkward_sizes_every_dtype(dtype, activation):
+    n, d, h = 67, 129, 515
+    tensors = [torch.randn(3, n, d, device=BE.device), torch.randn(h, d, device=BE.device) / d ** 0.5,
+               torch.randn(h, device=BE.device), torch.randn(d, h, device=BE.device) / h ** 0.5,
+               torch.randn(d, device=BE.device)]
+    if activation == "relu":
+        # relu' jumps at 0: a pre-activation within rounding of 0 may round to either side in any
+        # implementation, and one such unit moves a whole row of grad_input by far more than 2x
+        # torch's error. Biases of +-5 against x . w ~ N(0, 1) keep every unit on one side.
+        tensors[2] = torch.sign(tensors[2]) * 5.0
+    g = torch.randn(3, n, d, device=BE.device)
+
+    def run(fn, cast):
+        args = [leaf(cast(t)) for t in tensors]
+        y = fn(*args)
+        (y * cast(g)).sum().backward()
+        return [y.detach()] + [a.grad for a in args]
+
+    names = ["out", "grad_input", "grad_weight1", "grad_bias1", "grad_weight2", "grad_bias2"]
+    ours = run(lambda *a: TF.feed_forward(*a, activation=activation), lambda t: t.to(dtype))
+    if dtype == torch.float32:
+        # TF32 matmuls would dominate the error; the default (highest) precision keeps fp32 GEMMs.
+        ref = run(lambda *a: R.feed_forward(*a, activation=activation), lambda t: t.double())
+        for a, r, nm in zip(ours, ref, names):
+            check_rel_err(a, r, nm, 1e-4)
+    else:
+        ref = run(lambda *a: R.feed_forward(*a, activation=activation), lambda t: t.float())
+        tor = run(lambda x, w1, b1, w2, b2: F.linear(_torch_act(F.linear(x, w1, b1), activation), w2, b2),
+                  lambda t: t.to(dtype))
+        for a, t, r, nm in zip(ours, tor, ref, names):
+            check_low(a, t, r, nm)

@@ -6,7 +6,7 @@ broadcast batch), dtypes, masks (bool / additive of any floating dtype, broadcas
 fully masked rows), causality, GQA and dropout (the exact Philox mask, from
 tx_kernels.reference.dropout_keep_mask). A second set injects NaN, Inf and huge values.
 
-Accuracy rules (ARCHITECTURE.md):
+Accuracy rules (README, "Testing"):
 - fp32/fp64: relative error (norm) vs the float64 reference under 1e-5 / 1e-12 forward and
   1e-4 / 1e-10 for gradients.
 - fp16/bf16: max error vs the float64 reference at most 2x that of stock torch computing the same
@@ -19,7 +19,6 @@ Accuracy rules (ARCHITECTURE.md):
 import math
 import random
 
-import pytest
 import torch
 import torch.nn.functional as F
 

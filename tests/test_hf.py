@@ -202,6 +202,23 @@ def _bert_small():
     return transformers.BertModel(cfg).eval()
 
 
+def test_patch_reuses_its_classes_across_calls():
+    """Every patch() swaps in the same tx_kernels classes: built once, not per call (isinstance
+    across models, pickling by qualified name)."""
+    from tx_kernels.integrations import patching
+
+    def patched_classes(model):
+        tx_kernels.patch(model)
+        return {type(m).__name__: type(m) for m in model.modules() if type(m).__module__ == patching.__name__}
+
+    for make in (_bert_small, _gpt2):
+        first, second = patched_classes(make()), patched_classes(make())
+        assert first and first.keys() == second.keys()
+        for name, cls in first.items():
+            assert second[name] is cls, f"{name} was rebuilt by the second patch()"
+            assert getattr(patching, name) is cls
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_patched_hf_model_pickles_into_a_fresh_process(tmp_path, family):
     """torch.save of a patched model loads (weights_only=False) in a new interpreter, which has

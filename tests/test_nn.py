@@ -5,11 +5,8 @@ mismatch fails. Every comparison runs in train mode with dropout 0 (gradients of
 of every parameter) unless the test is about eval or dropout. torch's fast paths are disabled
 while computing the reference so it runs the textbook composite.
 """
-import functools
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import tx_kernels.nn as tnn
@@ -221,6 +218,23 @@ def test_mha_need_weights(variant, average):
         else:
             assert w is None and w_ref is None
     _assert_same_grads(ref, ours, [q, k, v], [q2, k2, v2], o_ref, o)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_is_causal_hint(need_weights, batch_first):
+    """is_causal=True with its causal attn_mask as torch takes it, and (tx_kernels only) without one."""
+    E, H, N, L = 16, 4, 2, 6
+    ref, ours = _pair(nn.MultiheadAttention, tnn.MultiheadAttention, E, H, batch_first=batch_first)
+    x, x2 = _leaf(*((N, L, E) if batch_first else (L, N, E)))
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=DTYPE)
+    o_ref, w_ref = ref(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    o, w = ours(x2, x2, x2, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    if need_weights:
+        assert w.shape == w_ref.shape and rel_err(w, w_ref) < FWD_TOL
+    o_alone, _ = ours(x2, x2, x2, is_causal=True, need_weights=need_weights)
+    assert rel_err(o_alone, o_ref) < FWD_TOL
+    _assert_same_grads(ref, ours, [x], [x2], o_ref, o)
 
 
 def test_fully_masked_rows_give_zero_not_nan():

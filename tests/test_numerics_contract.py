@@ -3,7 +3,6 @@
 References are torch's own composites or tx_kernels.reference in float64; nothing here compares
 tx_kernels with itself.
 """
-import math
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ at real tokens and parameter gradients must match, padded positions hold 0, and 
 that the packed path really ran (attention_varlen was called) or, where it must not, did not.
 """
 import copy
-import os
 
 import pytest
 import torch

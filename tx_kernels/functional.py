@@ -4,12 +4,15 @@ Every function is differentiable with respect to each tensor argument and runs t
 operator for the tensors' device (CPU always; CUDA in CUDA builds).
 """
 import math
-from numbers import Integral, Real
-from typing import Optional, Sequence, Tuple, Union
+from numbers import Integral
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import _activations
+from ._checks import (autocast_inputs, check_bool, check_dropout_p, check_number, new_rng,
+                      require_tensor)
 from .ops import ops
 
 __all__ = [
@@ -21,39 +24,6 @@ __all__ = [
     "bias_act",
     "feed_forward",
 ]
-
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
-
-
-def _require_tensor(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"tx_kernels: `{name}` must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"tx_kernels: `eps` must be a number, got {type(eps).__name__}")
-
-
-def _check_bool(x, name):
-    # bool("no") is True: a string or number passed for a flag must not be read as one.
-    if not isinstance(x, bool):
-        raise TypeError(f"tx_kernels: `{name}` must be a bool, got {type(x).__name__} {x!r}")
-
-
-def _check_dropout_p(p, name="dropout_p"):
-    if not isinstance(p, (float, int)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"tx_kernels: `{name}` must be a number in [0, 1], got {p!r}")
-
-
-def _new_rng():
-    """[seed, offset] for one dropout call, drawn from torch's default CPU generator.
-
-    Drawing it as a tensor keeps torch.compile graphs free of Python-side randomness, and the
-    backward regenerates the same mask from it.
-    """
-    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64)
-
 
 def scaled_dot_product_attention(
     query: torch.Tensor,
@@ -85,16 +55,16 @@ def scaled_dot_product_attention(
     attention_varlen on their packed values, with no mask and GQA implied by the head counts.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _require_tensor(t, name)
+        require_tensor(t, name)
     if attn_mask is not None:
-        _require_tensor(attn_mask, "attn_mask")
+        require_tensor(attn_mask, "attn_mask")
     if query.is_nested or key.is_nested or value.is_nested:
         # Jagged nested tensors, as torch's SDPA takes them: each sequence attends within itself.
         if attn_mask is not None:
             raise ValueError("tx_kernels: `attn_mask` cannot be combined with nested tensors (neither in torch)")
         from .varlen import jagged_attention
 
-        _check_dropout_p(dropout_p)
+        check_dropout_p(dropout_p)
         return jagged_attention(query, key, value, dropout_p, is_causal, scale)
     if query.dim() not in (3, 4):
         raise ValueError(f"tx_kernels: `query` must have 3 (N, L, E) or 4 (N, H, L, E) dimensions, "
@@ -103,11 +73,10 @@ def scaled_dot_product_attention(
         if t.dim() != query.dim():
             raise ValueError(f"tx_kernels: `{name}` has {t.dim()} dimensions but `query` has "
                              f"{query.dim()}; shapes {tuple(t.shape)} and {tuple(query.shape)}")
-    _check_dropout_p(dropout_p)
-    _check_bool(is_causal, "is_causal")
-    _check_bool(enable_gqa, "enable_gqa")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)):
-        raise TypeError(f"tx_kernels: `scale` must be a number or None, got {type(scale).__name__}")
+    check_dropout_p(dropout_p)
+    check_bool(is_causal, "is_causal")
+    check_bool(enable_gqa, "enable_gqa")
+    check_number(scale, "scale", allow_none=True)
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -118,12 +87,8 @@ def scaled_dot_product_attention(
                          f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    # Under autocast, run in the autocast dtype as torch's SDPA does.
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
-    rng = _new_rng() if dropout_p > 0.0 else None
+    query, key, value = autocast_inputs(query, key, value)
+    rng = new_rng() if dropout_p > 0.0 else None
     out, _ = ops.attention_fwd(query, key, value, attn_mask, float(scale), bool(is_causal),
                                float(dropout_p), rng)
     return out.squeeze(1) if squeeze else out
@@ -154,9 +119,9 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """As torch.nn.functional.layer_norm (statistics in fp32 for fp16/bf16 inputs)."""
-    _require_tensor(input, "input")
+    require_tensor(input, "input")
     n = _normalized_ndim(input, normalized_shape)
-    _check_eps(eps)
+    check_number(eps, "eps")
     return ops.layer_norm_fwd(input, weight, bias, n, float(eps))[0]
 
 
@@ -173,15 +138,15 @@ def add_layer_norm(
     """residual_out = input + residual; returns (layer_norm(residual_out), residual_out).
 
     One pass over memory. Pre-LN blocks carry residual_out as the new residual stream. Post-LN
-    blocks need only the first output: with return_residual=False the sum is never written to
-    memory (a quarter less traffic) and only layer_norm(input + residual) is returned, the fused
-    form of F.layer_norm(input + residual, ...).
+    blocks need only the first output: with return_residual=False the sum is not returned and not
+    materialized (no residual_out is stored: a quarter less memory traffic), and only
+    layer_norm(input + residual) is returned, the fused form of F.layer_norm(input + residual, ...).
     """
-    _require_tensor(input, "input")
-    _require_tensor(residual, "residual")
+    require_tensor(input, "input")
+    require_tensor(residual, "residual")
     n = _normalized_ndim(input, normalized_shape)
-    _check_eps(eps)
-    _check_bool(return_residual, "return_residual")
+    check_number(eps, "eps")
+    check_bool(return_residual, "return_residual")
     if input.dtype != residual.dtype and input.is_floating_point() and residual.is_floating_point():
         # As `input + residual` would: both in the promoted dtype (e.g. a bf16 branch output added
         # to an fp32 residual stream under autocast).
@@ -195,15 +160,13 @@ def add_layer_norm(
 def bias_act(input: torch.Tensor, bias: Optional[torch.Tensor], activation: str = "relu",
              dropout_p: float = 0.0) -> torch.Tensor:
     """dropout(activation(input + bias)) in one pass; activation in 'relu', 'gelu', 'gelu_tanh'."""
-    _require_tensor(input, "input")
+    require_tensor(input, "input")
     if bias is not None:
-        _require_tensor(bias, "bias")
-    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
-        raise ValueError(f"tx_kernels: `activation` must be one of {sorted(_ACTIVATIONS)}, "
-                         f"got {activation!r}")
-    _check_dropout_p(dropout_p)
-    rng = _new_rng() if dropout_p > 0.0 else None
-    return ops.bias_act_fwd(input, bias, _ACTIVATIONS[activation], float(dropout_p), rng)
+        require_tensor(bias, "bias")
+    activation = _activations.kernel_name(activation)
+    check_dropout_p(dropout_p)
+    rng = new_rng() if dropout_p > 0.0 else None
+    return ops.bias_act_fwd(input, bias, activation, float(dropout_p), rng)
 
 
 def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
@@ -232,10 +195,10 @@ def feed_forward(
     The GEMMs run through ATen; bias1, the activation and the dropout are one fused kernel.
     """
     for name, t in (("input", input), ("weight1", weight1), ("weight2", weight2)):
-        _require_tensor(t, name)
+        require_tensor(t, name)
     if input.dim() < 1:
-        raise ValueError(f"tx_kernels: `input` must have at least 1 dimension (features last), "
-                         f"got a 0-dimensional tensor")
+        raise ValueError("tx_kernels: `input` must have at least 1 dimension (features last), "
+                         "got a 0-dimensional tensor")
     if weight1.dim() != 2 or weight2.dim() != 2:
         raise ValueError(f"tx_kernels: `weight1` and `weight2` must be 2-D, got shapes "
                          f"{tuple(weight1.shape)} and {tuple(weight2.shape)}")

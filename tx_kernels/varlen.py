@@ -10,17 +10,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import autocast_inputs, check_dropout_p, new_rng, require_tensor
 from .ops import ops
 
 __all__ = ["attention_varlen", "jagged_attention", "unpad_input", "pad_input", "cu_seqlens_from_lengths",
            "PackedBatch"]
-
-
-def _functional():
-    # Imported late: tx_kernels.functional re-exports this module.
-    from . import functional
-
-    return functional
 
 
 def attention_varlen(
@@ -59,21 +53,17 @@ def attention_varlen(
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tx_kernels: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        require_tensor(t, name)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, torch.Tensor) and m.numel() == 1:
             m = int(m)
         if isinstance(m, bool) or not isinstance(m, int):
             raise TypeError(f"tx_kernels: `{name}` must be an int, got {type(m).__name__}")
-    _functional()._check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 3 and q.shape[-1] > 0 else 1.0
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = (t.to(dtype) if t.is_floating_point() else t for t in (q, k, v))
-    rng = _functional()._new_rng() if dropout_p > 0.0 else None
+    q, k, v = autocast_inputs(q, k, v)
+    rng = new_rng() if dropout_p > 0.0 else None
     out, _ = ops.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                       int(max_seqlen_k), float(softmax_scale), bool(causal),
                                       float(dropout_p), rng)

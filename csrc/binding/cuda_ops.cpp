@@ -47,41 +47,14 @@ struct Cuda {
     return DeviceInfo{sms, static_cast<int64_t>(smem)};
   }
 
-  static size_t workspace_bytes(const AttentionParams& p, const DeviceInfo& d) {
-    return attention_fwd_workspace_bytes(p, d);
+  template <typename Params>
+  static size_t workspace_bytes(const Params& p, const DeviceInfo& d) {
+    return launcher_of(p).workspace_bytes(p, d);
   }
-  static void launch(const AttentionParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(attention_fwd_cuda(p, d, ws, bytes, current_stream()), "attention_fwd");
-  }
-  static size_t workspace_bytes(const AttentionBwdParams& p, const DeviceInfo& d) {
-    return attention_bwd_workspace_bytes(p, d);
-  }
-  static void launch(const AttentionBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(attention_bwd_cuda(p, d, ws, bytes, current_stream()), "attention_bwd");
-  }
-  static size_t workspace_bytes(const LayerNormParams& p, const DeviceInfo& d) {
-    return layer_norm_fwd_workspace_bytes(p, d);
-  }
-  static void launch(const LayerNormParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(layer_norm_fwd_cuda(p, d, ws, bytes, current_stream()), "layer_norm_fwd");
-  }
-  static size_t workspace_bytes(const LayerNormBwdParams& p, const DeviceInfo& d) {
-    return layer_norm_bwd_workspace_bytes(p, d);
-  }
-  static void launch(const LayerNormBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(layer_norm_bwd_cuda(p, d, ws, bytes, current_stream()), "layer_norm_bwd");
-  }
-  static size_t workspace_bytes(const BiasActParams& p, const DeviceInfo& d) {
-    return bias_act_fwd_workspace_bytes(p, d);
-  }
-  static void launch(const BiasActParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(bias_act_fwd_cuda(p, d, ws, bytes, current_stream()), "bias_act_fwd");
-  }
-  static size_t workspace_bytes(const BiasActBwdParams& p, const DeviceInfo& d) {
-    return bias_act_bwd_workspace_bytes(p, d);
-  }
-  static void launch(const BiasActBwdParams& p, const DeviceInfo& d, void* ws, size_t bytes) {
-    check_launch(bias_act_bwd_cuda(p, d, ws, bytes, current_stream()), "bias_act_bwd");
+  template <typename Params>
+  static void launch(const Params& p, const DeviceInfo& d, void* ws, size_t bytes) {
+    const auto entry = launcher_of(p);
+    check_launch(entry.launch(p, d, ws, bytes, current_stream()), entry.op);
   }
 };
 

@@ -62,41 +62,15 @@ struct Emulator {
 
   static DeviceInfo info() { return DeviceInfo{state().device.num_sms, state().device.max_smem_per_block_optin}; }
 
-  static size_t workspace_bytes(const AttentionParams& p, const DeviceInfo&) {
-    return api().attention_fwd_workspace_bytes(p, device());
+  // The emulated launch describes the device itself (device(), which info() mirrors).
+  template <typename Params>
+  static size_t workspace_bytes(const Params& p, const DeviceInfo&) {
+    return emu::entry_of(api(), p).workspace_bytes(p, device());
   }
-  static void launch(const AttentionParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().attention_fwd(p, ws, bytes, device()), "attention_fwd");
-  }
-  static size_t workspace_bytes(const AttentionBwdParams& p, const DeviceInfo&) {
-    return api().attention_bwd_workspace_bytes(p, device());
-  }
-  static void launch(const AttentionBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().attention_bwd(p, ws, bytes, device()), "attention_bwd");
-  }
-  static size_t workspace_bytes(const LayerNormParams& p, const DeviceInfo&) {
-    return api().layer_norm_fwd_workspace_bytes(p, device());
-  }
-  static void launch(const LayerNormParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().layer_norm_fwd(p, ws, bytes, device()), "layer_norm_fwd");
-  }
-  static size_t workspace_bytes(const LayerNormBwdParams& p, const DeviceInfo&) {
-    return api().layer_norm_bwd_workspace_bytes(p, device());
-  }
-  static void launch(const LayerNormBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().layer_norm_bwd(p, ws, bytes, device()), "layer_norm_bwd");
-  }
-  static size_t workspace_bytes(const BiasActParams& p, const DeviceInfo&) {
-    return api().bias_act_fwd_workspace_bytes(p, device());
-  }
-  static void launch(const BiasActParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().bias_act_fwd(p, ws, bytes, device()), "bias_act_fwd");
-  }
-  static size_t workspace_bytes(const BiasActBwdParams& p, const DeviceInfo&) {
-    return api().bias_act_bwd_workspace_bytes(p, device());
-  }
-  static void launch(const BiasActBwdParams& p, const DeviceInfo&, void* ws, size_t bytes) {
-    check_launch(api(), api().bias_act_bwd(p, ws, bytes, device()), "bias_act_bwd");
+  template <typename Params>
+  static void launch(const Params& p, const DeviceInfo&, void* ws, size_t bytes) {
+    const auto entry = emu::entry_of(api(), p);
+    check_launch(api(), entry.launch(p, ws, bytes, device()), entry.op);
   }
 };
 

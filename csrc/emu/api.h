@@ -38,6 +38,22 @@ struct Api {
 
 constexpr int kApiVersion = 2;
 
+// Each params type's pair in the table and its op name, for code generic over the ops.
+template <typename Params>
+struct Entry {
+  const char* op;
+  size_t (*workspace_bytes)(const Params&, const Device&);
+  int (*launch)(const Params&, void* workspace, size_t workspace_bytes, const Device&);
+};
+// clang-format off
+inline Entry<AttentionParams> entry_of(const Api& a, const AttentionParams&) { return {"attention_fwd", a.attention_fwd_workspace_bytes, a.attention_fwd}; }
+inline Entry<AttentionBwdParams> entry_of(const Api& a, const AttentionBwdParams&) { return {"attention_bwd", a.attention_bwd_workspace_bytes, a.attention_bwd}; }
+inline Entry<LayerNormParams> entry_of(const Api& a, const LayerNormParams&) { return {"layer_norm_fwd", a.layer_norm_fwd_workspace_bytes, a.layer_norm_fwd}; }
+inline Entry<LayerNormBwdParams> entry_of(const Api& a, const LayerNormBwdParams&) { return {"layer_norm_bwd", a.layer_norm_bwd_workspace_bytes, a.layer_norm_bwd}; }
+inline Entry<BiasActParams> entry_of(const Api& a, const BiasActParams&) { return {"bias_act_fwd", a.bias_act_fwd_workspace_bytes, a.bias_act_fwd}; }
+inline Entry<BiasActBwdParams> entry_of(const Api& a, const BiasActBwdParams&) { return {"bias_act_bwd", a.bias_act_bwd_workspace_bytes, a.bias_act_bwd}; }
+// clang-format on
+
 }  // namespace tx_kernels::emu
 
 // The library's one exported symbol.

@@ -39,6 +39,22 @@ size_t bias_act_bwd_workspace_bytes(const BiasActBwdParams& params, const Device
 cudaError_t bias_act_bwd_cuda(const BiasActBwdParams& params, const DeviceInfo& device,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// Each params type's pair and op name, for code generic over the ops (the CUDA binding).
+template <typename Params>
+struct Launcher {
+  const char* op;
+  size_t (*workspace_bytes)(const Params&, const DeviceInfo&);
+  cudaError_t (*launch)(const Params&, const DeviceInfo&, void*, size_t, cudaStream_t);
+};
+// clang-format off
+inline Launcher<AttentionParams> launcher_of(const AttentionParams&) { return {"attention_fwd", attention_fwd_workspace_bytes, attention_fwd_cuda}; }
+inline Launcher<AttentionBwdParams> launcher_of(const AttentionBwdParams&) { return {"attention_bwd", attention_bwd_workspace_bytes, attention_bwd_cuda}; }
+inline Launcher<LayerNormParams> launcher_of(const LayerNormParams&) { return {"layer_norm_fwd", layer_norm_fwd_workspace_bytes, layer_norm_fwd_cuda}; }
+inline Launcher<LayerNormBwdParams> launcher_of(const LayerNormBwdParams&) { return {"layer_norm_bwd", layer_norm_bwd_workspace_bytes, layer_norm_bwd_cuda}; }
+inline Launcher<BiasActParams> launcher_of(const BiasActParams&) { return {"bias_act_fwd", bias_act_fwd_workspace_bytes, bias_act_fwd_cuda}; }
+inline Launcher<BiasActBwdParams> launcher_of(const BiasActBwdParams&) { return {"bias_act_bwd", bias_act_bwd_workspace_bytes, bias_act_bwd_cuda}; }
+// clang-format on
+
 // The workspace rule above, for the launchers.
 inline bool workspace_ok(const void* workspace, size_t workspace_bytes, size_t needed) {
   if (needed == 0) return true;

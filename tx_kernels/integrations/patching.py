@@ -54,18 +54,16 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _activations
 from .. import functional as TF
 from .. import nn as tnn
-from ..models._common import HF_ACTIVATIONS
-from .padding_free import make_tx_bert_model, packed_attention_forward
-
-ATTN_IMPL = "tx_kernels"
+from ..nn.normalization import add_then_norm
+from .padding_free import ATTN_IMPL, make_tx_bert_model, packed_attention_forward
 
 
 @dataclass
@@ -98,8 +96,8 @@ def _swap(module, cls):
         module.use_nested_tensor = False
 
 
-def _patch_torch_nn(model, report, inside_transformer=False, prefix=""):
-    for name, m in model.named_modules(prefix=prefix):
+def _patch_torch_nn(model, report):
+    for name, m in model.named_modules():
         cls = _TORCH_NN.get(type(m))
         if cls is not None:
             _swap(m, cls)
@@ -151,7 +149,7 @@ def _register_hf_attention():
     except ImportError:
         return "this transformers version has no AttentionInterface (needs >= 4.48)"
     try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return "this transformers version has no AttentionMaskInterface (needs >= 4.53)"
     AttentionInterface.register(ATTN_IMPL, _tx_attention_forward)
@@ -209,8 +207,16 @@ def _params(fn):
     return [p for p in inspect.signature(fn).parameters if p != "self"]
 
 
+class _HFEntry(NamedTuple):
+    cls: type  # the tx_kernels subclass the HF module's class is swapped for
+    forward_args: List[str]  # the HF forward's parameters it was written against
+    attrs: Tuple[str, ...]  # the submodules it reads
+    fused_activation: bool  # runs the config's activation in bias_act (read into m._tx_act)
+
+
 def _make_hf_classes():
-    """tx_kernels subclasses of the HF modules (built lazily: transformers is optional)."""
+    """HF module class -> _HFEntry of its tx_kernels subclass (built lazily: transformers is
+    optional; built once, see _hf_classes)."""
     from transformers.models.bert import modeling_bert as mb
     from transformers.models.gpt2 import modeling_gpt2 as mg
 
@@ -226,10 +232,7 @@ def _make_hf_classes():
             return TF.bias_act(F.linear(hidden_states, self.dense.weight), self.dense.bias, self._tx_act)
 
     def _add_ln_forward(self, hidden_states, input_tensor):
-        h = self.dropout(self.dense(hidden_states))
-        ln = self.LayerNorm
-        return TF.add_layer_norm(h, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
     class TxBertSelfOutput(mb.BertSelfOutput):
         forward = _add_ln_forward
@@ -246,16 +249,20 @@ def _make_hf_classes():
     bert_model_args = ["input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
                        "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "use_cache",
                        "kwargs"]
+    add_ln = (["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout"))
     return {
-        mb.BertModel: (TxBertModel, bert_model_args, ("embeddings", "encoder", "pooler")),
-        mg.GPT2MLP: (TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout")),
-        mb.BertIntermediate: (TxBertIntermediate, ["hidden_states"], ("dense",)),
-        mb.BertSelfOutput: (TxBertSelfOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
-        mb.BertOutput: (TxBertOutput, ["hidden_states", "input_tensor"], ("dense", "LayerNorm", "dropout")),
+        mb.BertModel: _HFEntry(TxBertModel, bert_model_args, ("embeddings", "encoder", "pooler"), False),
+        mg.GPT2MLP: _HFEntry(TxGPT2MLP, ["hidden_states"], ("c_fc", "c_proj", "dropout"), True),
+        mb.BertIntermediate: _HFEntry(TxBertIntermediate, ["hidden_states"], ("dense",), True),
+        mb.BertSelfOutput: _HFEntry(TxBertSelfOutput, *add_ln, False),
+        mb.BertOutput: _HFEntry(TxBertOutput, *add_ln, False),
     }
 
 
+# Built on first use and kept: a patched module's class must be the same object in every model
+# (isinstance checks, pickling by qualified name, and no new class per patch() call).
 _HF_CLASSES = None
+# What __getattr__ answers without importing transformers for every unknown attribute.
 _HF_CLASS_NAMES = ("TxBertModel", "TxGPT2MLP", "TxBertIntermediate", "TxBertSelfOutput", "TxBertOutput")
 
 
@@ -263,6 +270,7 @@ def _hf_classes():
     global _HF_CLASSES
     if _HF_CLASSES is None:
         _HF_CLASSES = _make_hf_classes()
+        assert sorted(e.cls.__name__ for e in _HF_CLASSES.values()) == sorted(_HF_CLASS_NAMES)
     return _HF_CLASSES
 
 
@@ -271,9 +279,7 @@ def __getattr__(name):
     # model's config still selects the "tx_kernels" attention, so it is registered again too.
     if name in _HF_CLASS_NAMES:
         _register_hf_attention()
-        for cls, _, _ in _hf_classes().values():
-            if cls.__name__ == name:
-                return cls
+        return next(e.cls for e in _hf_classes().values() if e.cls.__name__ == name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -312,7 +318,7 @@ def _patch_hf(model, family, act_name, report):
     else:
         report.left_alone.append(("attention", f"{err} (transformers {transformers.__version__})"))
 
-    tx_act = HF_ACTIVATIONS.get(act_name) if isinstance(act_name, str) else None
+    tx_act = _activations.HF.get(act_name) if isinstance(act_name, str) else None
     classes = _hf_classes()
     for name, m in model.named_modules():
         if type(m) is nn.LayerNorm:
@@ -322,17 +328,16 @@ def _patch_hf(model, family, act_name, report):
         entry = classes.get(type(m))
         if entry is None:
             continue
-        cls, expected_args, attrs = entry
-        if _params(type(m).forward) != expected_args or not all(hasattr(m, a) for a in attrs):
+        if _params(type(m).forward) != entry.forward_args or not all(hasattr(m, a) for a in entry.attrs):
             report.left_alone.append((name, f"{type(m).__name__} has an unexpected forward/attributes in "
                                             f"transformers {transformers.__version__}"))
             continue
-        if cls.__name__ in ("TxGPT2MLP", "TxBertIntermediate"):
+        if entry.fused_activation:
             if tx_act is None:
                 report.left_alone.append((name, f"activation {act_name!r} has no fused kernel"))
                 continue
             m._tx_act = tx_act
-        _swap(m, cls)
+        _swap(m, entry.cls)
         report.patched.append(f"{name} ({type(m).__mro__[1].__name__})")
 
 

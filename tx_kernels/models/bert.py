@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as TF
+from .._activations import hf_kernel_name
+from ..nn.normalization import LayerNorm, add_then_norm
 from ..varlen import PackedBatch
-from ..nn.normalization import LayerNorm
-from ._common import hf_activation, padding_mask_to_sdpa
+from ._common import padding_mask_to_sdpa
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"tx_kernels: `hidden_size` ({self.hidden_size}) must be divisible by "
                              f"`num_attention_heads` ({self.num_attention_heads})")
-        hf_activation(self.hidden_act, "hidden_act")
+        hf_kernel_name(self.hidden_act, "hidden_act")
 
     @classmethod
     def from_hf(cls, hf_config) -> "BertConfig":
@@ -87,10 +88,7 @@ class BertEmbeddings(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         pos = self.position_embeddings(position_ids).expand_as(x)
-        ln = self.LayerNorm
-        out = TF.add_layer_norm(x, pos, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                return_residual=False)
-        return self.dropout(out)
+        return self.dropout(add_then_norm(self.LayerNorm, x, pos))
 
 
 class _AddNorm(nn.Module):
@@ -125,9 +123,7 @@ class BertAttention(nn.Module):
             a = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(N, S, E)
         a = self.output.dropout(self.output.dense(a))
-        ln = self.output.LayerNorm
-        return TF.add_layer_norm(a, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.output.LayerNorm, a, x)
 
 
 class BertLayer(nn.Module):
@@ -137,15 +133,13 @@ class BertLayer(nn.Module):
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(c.hidden_size, c.intermediate_size)
         self.output = _AddNorm(c.intermediate_size, c)
-        self.act = hf_activation(c.hidden_act, "hidden_act")
+        self.act = hf_kernel_name(c.hidden_act, "hidden_act")
 
     def forward(self, x, mask):
         x = self.attention(x, mask)
         d1, d2 = self.intermediate.dense, self.output.dense
         f = self.output.dropout(TF.feed_forward(x, d1.weight, d1.bias, d2.weight, d2.bias, self.act))
-        ln = self.output.LayerNorm
-        return TF.add_layer_norm(f, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                 return_residual=False)
+        return add_then_norm(self.output.LayerNorm, f, x)
 
 
 class BertModel(nn.Module):

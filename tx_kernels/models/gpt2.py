@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as TF
-from ..nn.normalization import LayerNorm
-from ._common import hf_activation
+from .._activations import hf_kernel_name
+from ..nn.normalization import LayerNorm, add_norm, add_then_norm, apply_norm
 
 
 @dataclass
@@ -49,7 +49,7 @@ class GPT2Config:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"tx_kernels: `n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head})")
-        hf_activation(self.activation_function, "activation_function")
+        hf_kernel_name(self.activation_function, "activation_function")
 
     @classmethod
     def from_hf(cls, hf_config) -> "GPT2Config":
@@ -123,7 +123,7 @@ class GPT2MLP(nn.Module):
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, inner)
         self.c_proj = nn.Linear(inner, config.n_embd)
-        self.act = hf_activation(config.activation_function, "activation_function")
+        self.act = hf_kernel_name(config.activation_function, "activation_function")
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, h):
@@ -148,13 +148,11 @@ class GPT2Block(nn.Module):
         """
         if residual is None:
             residual = x
-            h = TF.layer_norm(x, self.ln_1.normalized_shape, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+            h = apply_norm(self.ln_1, x)
         else:
-            h, residual = TF.add_layer_norm(x, residual, self.ln_1.normalized_shape, self.ln_1.weight,
-                                            self.ln_1.bias, self.ln_1.eps)
+            h, residual = add_norm(self.ln_1, x, residual)
         a = self.attn(h, cache, attn_mask, is_causal)
-        h, residual = TF.add_layer_norm(a, residual, self.ln_2.normalized_shape, self.ln_2.weight,
-                                        self.ln_2.bias, self.ln_2.eps)
+        h, residual = add_norm(self.ln_2, a, residual)
         return self.mlp(h), residual
 
 
@@ -212,8 +210,7 @@ class GPT2Model(nn.Module):
         residual = None
         for block in self.h:
             x, residual = block(x, residual, past_key_values, attn_mask, is_causal)
-        out = TF.add_layer_norm(x, residual, self.ln_f.normalized_shape, self.ln_f.weight,
-                                self.ln_f.bias, self.ln_f.eps, return_residual=False)
+        out = add_then_norm(self.ln_f, x, residual)
         if past_key_values is not None:
             past_key_values.length = T
         return out

@@ -1,46 +1,12 @@
-"""Helpers shared by the tx_kernels.nn modules: mask canonicalization and activation mapping.
+"""Helpers shared by the tx_kernels.nn modules: mask canonicalization (activations: ../_activations.py).
 
 torch.nn and SDPA disagree on boolean masks: in torch.nn (MultiheadAttention, Transformer*)
 True means "may NOT attend"; in scaled_dot_product_attention (and tx_kernels) True means "may
 attend". Everything here converts from the torch.nn convention to the SDPA one.
 """
-import functools
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-_TORCH_NN_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu,
-                         "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
-
-
-def get_activation_fn(activation: Union[str, Callable]) -> Callable:
-    """The callable torch.nn stores for a string activation ('relu', 'gelu'; also 'gelu_tanh')."""
-    if isinstance(activation, str):
-        if activation not in _TORCH_NN_ACTIVATIONS:
-            raise RuntimeError(f"tx_kernels: `activation` should be one of "
-                               f"{sorted(_TORCH_NN_ACTIVATIONS)} or a callable, not {activation!r}")
-        return _TORCH_NN_ACTIVATIONS[activation]
-    if not callable(activation):
-        raise TypeError(f"tx_kernels: `activation` must be a string or a callable, got "
-                        f"{type(activation).__name__}")
-    return activation
-
-
-def fused_activation_name(activation) -> Optional[str]:
-    """The tx_kernels bias_act name for an activation callable, or None (use the unfused path)."""
-    if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
-        return "relu"
-    if activation is F.gelu:
-        return "gelu"
-    if type(activation) is nn.GELU:
-        return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if (isinstance(activation, functools.partial) and activation.func is F.gelu
-            and not activation.args and set(activation.keywords) <= {"approximate"}):
-        return "gelu_tanh" if activation.keywords.get("approximate", "none") == "tanh" else "gelu"
-    return None
-
 
 def _check_mask_dtype(mask, name):
     if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.init import xavier_uniform_
 
+from .. import _activations
 from .. import functional as TF
+from .._checks import check_dropout_p
 from ..varlen import PackedBatch
-from ._utils import detect_is_causal_mask, fused_activation_name, get_activation_fn
+from ._utils import detect_is_causal_mask
 from .activation import MultiheadAttention
 from .normalization import LayerNorm, add_norm, add_then_norm, apply_norm
 
@@ -38,14 +40,9 @@ __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEnc
            "TransformerDecoder", "Transformer"]
 
 
-def _check_dropout(dropout):
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"tx_kernels: `dropout` must be a number in [0, 1], got {dropout!r}")
-
-
 def _feed_forward(layer, x):
     """linear2(dropout(activation(linear1(x)))): one fused tx_kernels call when possible."""
-    act = fused_activation_name(layer.activation)
+    act = _activations.of_callable(layer.activation)
     l1, l2 = layer.linear1, layer.linear2
     if act is not None and type(l1) is nn.Linear and type(l2) is nn.Linear:
         p = layer.dropout.p if layer.training else 0.0
@@ -68,7 +65,7 @@ class TransformerEncoderLayer(nn.Module):
                  device=None, dtype=None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        _check_dropout(dropout)
+        check_dropout_p(dropout, "dropout")
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, **factory_kwargs)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
@@ -79,9 +76,9 @@ class TransformerEncoderLayer(nn.Module):
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        activation = get_activation_fn(activation)
+        activation = _activations.torch_function(activation)
         # torch.nn keeps this attribute for its fast path; kept for code that reads it.
-        name = fused_activation_name(activation)
+        name = _activations.of_callable(activation)
         self.activation_relu_or_gelu = {"relu": 1, "gelu": 2}.get(name, 0)
         self.activation = activation
 
@@ -153,7 +150,7 @@ class TransformerDecoderLayer(nn.Module):
                  device=None, dtype=None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        _check_dropout(dropout)
+        check_dropout_p(dropout, "dropout")
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=batch_first,
                                             bias=bias, **factory_kwargs)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=batch_first,
@@ -168,7 +165,7 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.activation = get_activation_fn(activation)
+        self.activation = _activations.torch_function(activation)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,

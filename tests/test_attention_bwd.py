@@ -1,35 +1,34 @@
-"""CUDA attention backward (csrc/kernels/attention_bwd.cu) against float64 references.
+"""The attention backward op (attention_bwd) against float64 references, on every backend
+(tests/cuda_backends.py): the CPU kernels, the CUDA kernels (csrc/kernels/attention_bwd.cu)
+emulated on the CPU, and a GPU when present.
 
 fp16/bf16: the max error of dq, dk, dv (and of an additive mask's gradient) against a float64
-reference (tx_kernels.reference.attention, autograd) is at most 2x that of stock torch
-(F.scaled_dot_product_attention in the same precision) against the same reference.
-fp32/fp64 (the general kernels): relative error under 1e-4 / 1e-5 (lse is fp32 by contract).
-Every gradient buffer is poisoned first: NaN-filled tensors of the output sizes are allocated and
-freed right before the backward runs, so the caching allocator hands that memory to the op and any
-element the kernels fail to write shows up as NaN.
+reference (tx_kernels.reference.attention, autograd) is at most 2x that of stock torch in the same
+precision (attention_refs.torch_sdpa: torch's fused SDPA on a GPU, the composite on CPU tensors)
+plus 4 ulps of the gradient's scale (README, "Testing").
+fp32/fp64 (the general kernels): relative error under 1e-4 / 1e-5.
+Every gradient buffer is poisoned first: on the CPU backends every allocation is junk filled; on
+a GPU NaN-filled tensors of the output sizes are allocated and freed right before the backward
+runs, so the caching allocator hands that memory to the op. Any element the kernels fail to
+write shows up as NaN.
 
-Kernel variants covered: the fast tensor-core path (fp16/bf16, E == Ev, E % 8 == 0, E <= 128: head
-dims 32/64/96/128 and padded ones like 48), with atomic dQ or the deterministic dQ pass
-(torch.use_deterministic_algorithms(True)), with and without mask/dropout; the general path
-(fp32, fp64, Ev != E, E = 20 or 256).
-
-Every test runs on each backend of tests/cuda_backends.py: the CPU emulator of the kernels ("emu",
-always, with smaller shapes) and a real GPU ("cuda", when present; plus the gpu_only shapes).
-On the emulator every CPU allocation is junk-filled instead (conftest's `poison`).
+CUDA kernel variants covered: the fast tensor-core path (fp16/bf16, E == Ev, E % 8 == 0,
+E <= 128: head dims 32/64/96/128 and padded ones like 48), with atomic dQ or the deterministic dQ
+pass (torch.use_deterministic_algorithms(True)), with and without mask/dropout; the general path
+(fp32, fp64, Ev != E, E = 20 or 256). The CPU kernels run the same cases.
 """
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tx_kernels.functional as TF
-from tx_kernels import reference as R
 
+from attention_refs import attention_inputs, make_mask, ref_grads, torch_grads
 from conftest import assert_within_torch_error, rel_err, ulp_floor
 from cuda_backends import BE, CPU_OPS
 
-pytestmark = pytest.mark.usefixtures("cuda_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 gpu_only = pytest.mark.gpu_only
 
 # Absolute slack added to the 2x rule: well under one ulp at magnitude 1, for entries whose exact
@@ -40,59 +39,16 @@ ATOL = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def _make(shape, dtype, layout="bhld"):
-    """randn of logical shape (N, H, L, E); layout "blhd" stores it as (N, L, H, E) (a view)."""
-    if layout == "blhd":
-        n, h, l, e = shape
-        return torch.randn(n, l, h, e, device=BE.device, dtype=dtype).transpose(1, 2)
-    return torch.randn(*shape, device=BE.device, dtype=dtype)
-
-
-def _inputs(N, H, Hkv, L, S, E, Ev, dtype, layout="bhld"):
-    q = _make((N, H, L, E), dtype, layout)
-    k = _make((N, Hkv, S, E), dtype, layout)
-    v = _make((N, Hkv, S, Ev), dtype, layout)
-    return q, k, v
-
-
-def _mask(kind, N, H, L, S, dtype):
-    if kind is None:
-        return None
-    if kind == "bool_keys":  # key padding (N, 1, 1, S); key 0 always visible: no empty row
-        m = torch.rand(N, 1, 1, S, device=BE.device) > 0.3
-        m[..., 0] = True
-        return m
-    if kind == "bool_2d":  # (L, S)
-        m = torch.rand(L, S, device=BE.device) > 0.4
-        m[:, 0] = True
-        return m
-    if kind == "add_heads":  # (1, H, L, S)
-        return torch.randn(1, H, L, S, device=BE.device, dtype=dtype)
-    if kind == "add_2d":  # (L, S)
-        return torch.randn(L, S, device=BE.device, dtype=dtype)
-    if kind == "add_keys":  # (N, 1, 1, S): a per-key bias, its gradient summed over H and L
-        # (A per-row bias (N, 1, L, 1) has an exact gradient of 0 -- softmax is shift-invariant --
-        # so its computed gradient is pure cancellation noise of the rounded `out`; not a useful
-        # 2x-torch comparison.)
-        return torch.randn(N, 1, 1, S, device=BE.device, dtype=dtype)
-    raise ValueError(kind)
-
-
 def _poison(q, k, v, mask_grad):
-    """On a GPU: allocate NaN tensors the size of every buffer the backward allocates, then free
-    them (the emulator's allocations are junk-filled already)."""
-    if BE.emu:
-        return
+    """On a GPU: NaN blocks the size of every buffer the backward allocates, freed for the op
+    (the CPU backends' allocations are junk-filled already)."""
     N, H, L, E = q.shape
-    S, Ev = k.shape[2], v.shape[3]
-    bufs = [torch.full_like(q, float("nan"), memory_format=torch.contiguous_format),
-            torch.full_like(k, float("nan"), memory_format=torch.contiguous_format),
-            torch.full_like(v, float("nan"), memory_format=torch.contiguous_format),
-            # the workspace: Dsum and the fp32 dq accumulator
-            torch.full((N * H * L * (E + 2) + 64,), float("nan"), device=BE.device)]
+    S = k.shape[2]
+    sizes = [t.numel() * t.element_size() for t in (q, k, v)]
+    sizes.append((N * H * L * (E + 2) + 64) * 4)  # the workspace: Dsum and the fp32 dq accumulator
     if mask_grad:
-        bufs.append(torch.full((N, H, L, S), float("nan"), device=BE.device))
-    del bufs
+        sizes.append(N * H * L * S * 4)
+    BE.poison_blocks(sizes)
 
 
 def _fwd_bwd(q, k, v, mask, causal, scale, grad=None, p=0.0, rng=None, mask_grad=False):
@@ -106,71 +62,12 @@ def _fwd_bwd(q, k, v, mask, causal, scale, grad=None, p=0.0, rng=None, mask_grad
     return out, grad, grads
 
 
-def _ref_grads(q, k, v, mask, causal, scale, grad, keep=None, p=0.0):
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    m64 = None
-    if mask is not None:
-        m64 = mask.detach().double().requires_grad_() if mask.is_floating_point() else mask
-    out = R.attention(q64, k64, v64, m64, is_causal=causal, scale=scale, dropout_mask=keep, dropout_p=p)
-    inputs = [q64, k64, v64] + ([m64] if m64 is not None and m64.is_floating_point() else [])
-    return list(torch.autograd.grad(out, inputs, grad.double()))
-
-
-def _torch_sdpa(q, k, v, mask, scale):
-    """Stock torch in the inputs' precision, the way a GPU user gets it: one of its fused kernels
-    (flash, memory-efficient, cuDNN), which, like ours, read the stored low-precision `out` for
-    rowsum(dO * O). GQA is expressed by repeating K/V (autograd sums dK/dV back), because torch's
-    memory-efficient kernel takes masks but not enable_gqa. Only when no fused kernel takes the
-    case does torch's default dispatch (the math path) run. Returns (out, which)."""
-    if k.shape[1] != q.shape[1]:
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    if q.device.type == "cpu":
-        # The emulator's CPU tensors: torch's CPU kernels (its fused flash kernel and its math
-        # path alike) compute bf16/fp16 attention partly in fp32 (measured: dq errors ~3x below a
-        # kernel that, like ours and a GPU's, computes in the inputs' precision), so they are no
-        # same-precision baseline. Use the composite in that precision, FlashAttention's own
-        # baseline (the forward tests use it too).
-        return R.attention(q, k, v, mask, scale=scale), "composite"
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-        with sdpa_kernel(fused):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), "fused"
-    except (RuntimeError, ImportError):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), "default"
-
-
-def _torch_grads(q, k, v, mask, causal, scale, grad):
-    """Gradients of _torch_sdpa; causality folded into an explicit mask (torch's is_causal is
-    top-left too, but not every backend accepts it with L != S)."""
-    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    L, S = q.shape[2], k.shape[2]
-    tmask = None
-    if mask is not None:
-        tmask = mask.detach().clone()
-        if tmask.is_floating_point():
-            tmask = tmask.to(q.dtype).requires_grad_()
-    eff = tmask
-    if causal:
-        tri = torch.ones(L, S, dtype=torch.bool, device=BE.device).tril()
-        if tmask is None:
-            eff = tri
-        elif tmask.dtype == torch.bool:
-            eff = tmask & tri
-        else:
-            eff = tmask.masked_fill(~tri, float("-inf"))
-    out, _ = _torch_sdpa(qt, kt, vt, eff, scale)
-    inputs = [qt, kt, vt] + ([tmask] if tmask is not None and tmask.is_floating_point() else [])
-    return list(torch.autograd.grad(out, inputs, grad))
-
-
 def _check_2x_torch(q, k, v, mask=None, causal=False, scale=None, name=""):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask_grad = mask is not None and mask.is_floating_point()
     _, grad, ours = _fwd_bwd(q, k, v, mask, causal, scale, mask_grad=mask_grad)
-    ref = _ref_grads(q, k, v, mask, causal, scale, grad)
-    theirs = _torch_grads(q, k, v, mask, causal, scale, grad)
+    ref = ref_grads(q, k, v, mask, causal, scale, grad)
+    theirs = torch_grads(q, k, v, mask, causal, scale, grad)
     for gname, a, b, c in zip(("dq", "dk", "dv", "dmask"), ours, theirs, ref):
         assert a.shape == c.shape, f"{name} {gname}: shape {tuple(a.shape)} vs {tuple(c.shape)}"
         # The project's rule: 2x torch plus 4 ulps of the gradient's scale (a key-broadcast mask
@@ -205,7 +102,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fast_path_within_2x_torch(shape, dtype, causal):
     N, H, Hkv, L, S, E = shape
-    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    q, k, v = attention_inputs(N, H, Hkv, L, S, E, E, dtype)
     _check_2x_torch(q, k, v, causal=causal, name=f"{shape}")
 
 
@@ -215,8 +112,8 @@ def test_fast_path_within_2x_torch(shape, dtype, causal):
 @pytest.mark.parametrize("E", [64, 128])
 def test_masks_and_mask_gradient(kind, dtype, causal, E):
     N, H, Hkv, L, S = BE.pick((2, 2, 1, 65, 77), (2, 4, 2, 131, 200))
-    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
-    mask = _mask(kind, N, H, L, S, dtype)
+    q, k, v = attention_inputs(N, H, Hkv, L, S, E, E, dtype)
+    mask = make_mask(kind, N, H, L, S, dtype)
     _check_2x_torch(q, k, v, mask, causal, name=kind)
 
 
@@ -224,20 +121,20 @@ def test_masks_and_mask_gradient(kind, dtype, causal, E):
 def test_transposed_layout_and_custom_scale(dtype):
     # (N, L, H, E) storage viewed as (N, H, L, E): strided rows, no copy.
     N, H, L, S = BE.pick((2, 2, 70, 90), (2, 4, 150, 190))
-    q, k, v = _inputs(N, H, H, L, S, 64, 64, dtype, layout="blhd")
+    q, k, v = attention_inputs(N, H, H, L, S, 64, 64, dtype, layout="nlhe")
     assert not q.is_contiguous()
-    _check_2x_torch(q, k, v, _mask("add_heads", N, H, L, S, dtype), causal=True, scale=0.3)
+    _check_2x_torch(q, k, v, make_mask("add_heads", N, H, L, S, dtype), causal=True, scale=0.3)
 
 
 def test_fp32_mask_on_fp16_inputs():
     # An additive mask of another floating dtype than the inputs: compared with the reference
     # (torch SDPA would need the mask in the inputs' dtype).
     N, H, L, S, E = 2, 2, 70, 90, 64
-    q, k, v = _inputs(N, H, H, L, S, E, E, torch.float16)
+    q, k, v = attention_inputs(N, H, H, L, S, E, E, torch.float16)
     mask = torch.randn(N, 1, L, S, device=BE.device, dtype=torch.float32)
     scale = 1 / 8
     _, grad, ours = _fwd_bwd(q, k, v, mask, False, scale, mask_grad=True)
-    ref = _ref_grads(q, k, v, mask, False, scale, grad)
+    ref = ref_grads(q, k, v, mask, False, scale, grad)
     assert ours[3].dtype == torch.float32 and ours[3].shape == mask.shape
     for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
         assert rel_err(a, b) < 1e-2, f"{name}: relative error {rel_err(a, b):.3e}"
@@ -246,7 +143,7 @@ def test_fp32_mask_on_fp16_inputs():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_fully_masked_rows_give_zero_gradients(dtype):
     N, H, L, S, E = 2, 2, 75, 140, 64
-    q, k, v = _inputs(N, H, H, L, S, E, E, dtype)
+    q, k, v = attention_inputs(N, H, H, L, S, E, E, dtype)
     bool_mask = torch.rand(N, H, L, S, device=BE.device) > 0.5
     bool_mask[:, :, 3] = False  # row 3 sees nothing
     bool_mask[:, :, 70] = False  # a row in the second query tile
@@ -262,7 +159,7 @@ def test_fully_masked_rows_give_zero_gradients(dtype):
         assert (ours[0][dead] == 0).all()
         if mask_grad:
             assert (ours[3][dead] == 0).all()
-        ref = _ref_grads(q, k, v, mask, False, scale, grad)
+        ref = ref_grads(q, k, v, mask, False, scale, grad)
         for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
             assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.3e}"
     # Causal + padding of key 0: query 0 sees nothing.
@@ -274,12 +171,12 @@ def test_fully_masked_rows_give_zero_gradients(dtype):
 
 
 def test_end_to_end_autograd():
-    q, k, v = (t.requires_grad_() for t in _inputs(2, 4, 2, 100, 100, 64, 64, torch.float16))
+    q, k, v = (t.requires_grad_() for t in attention_inputs(2, 4, 2, 100, 100, 64, 64, torch.float16))
     out = TF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
-    ref = _ref_grads(q, k, v, None, True, 1 / 8, grad)
-    theirs = _torch_grads(q, k, v, None, True, 1 / 8, grad)
+    ref = ref_grads(q, k, v, None, True, 1 / 8, grad)
+    theirs = torch_grads(q, k, v, None, True, 1 / 8, grad)
     for name, a, b, c in zip(("dq", "dk", "dv"), got, theirs, ref):
         assert_within_torch_error(a, b, c, atol=ATOL[torch.float16], name=name)
 
@@ -293,11 +190,11 @@ def test_end_to_end_autograd():
 @pytest.mark.parametrize("mask_kind", [None, "bool_keys", "add_heads"])
 def test_general_fp32(shape, causal, mask_kind):
     N, H, Hkv, L, S, E, Ev = shape
-    q, k, v = _inputs(N, H, Hkv, L, S, E, Ev, torch.float32)
-    mask = _mask(mask_kind, N, H, L, S, torch.float32)
+    q, k, v = attention_inputs(N, H, Hkv, L, S, E, Ev, torch.float32)
+    mask = make_mask(mask_kind, N, H, L, S, torch.float32)
     scale = 1 / math.sqrt(E)
     _, grad, ours = _fwd_bwd(q, k, v, mask, causal, scale, mask_grad=mask is not None and mask.is_floating_point())
-    ref = _ref_grads(q, k, v, mask, causal, scale, grad)
+    ref = ref_grads(q, k, v, mask, causal, scale, grad)
     for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
         assert rel_err(a, b) < 1e-4, f"{name}: relative error {rel_err(a, b):.3e}"
 
@@ -306,17 +203,16 @@ def test_general_fp32(shape, causal, mask_kind):
 @pytest.mark.parametrize("dims", [(64, 32), (20, 20), (256, 256)], ids=lambda d: f"E{d[0]}_Ev{d[1]}")
 def test_general_low_precision_within_2x_torch(dtype, dims):
     E, Ev = dims
-    q, k, v = _inputs(2, 2, 1, 77, 130, E, Ev, dtype)
-    _check_2x_torch(q, k, v, _mask("add_2d", 2, 2, 77, 130, dtype), causal=True, name=f"E={E} Ev={Ev}")
+    q, k, v = attention_inputs(2, 2, 1, 77, 130, E, Ev, dtype)
+    _check_2x_torch(q, k, v, make_mask("add_2d", 2, 2, 77, 130, dtype), causal=True, name=f"E={E} Ev={Ev}")
 
 
 def test_general_fp64():
-    # lse is fp32 by contract, so P = exp(s - lse) and every gradient carry ~1e-7 relative error:
-    # the same 1e-5 bound as the CPU op's fp64 gradients (tests/test_attention.py).
-    q, k, v = _inputs(1, 2, 1, 45, 70, 16, 24, torch.float64)
-    mask = _mask("add_heads", 1, 2, 45, 70, torch.float64)
+    # The same 1e-5 bound as the fp64 gradients through the functional API (test_attention.py).
+    q, k, v = attention_inputs(1, 2, 1, 45, 70, 16, 24, torch.float64)
+    mask = make_mask("add_heads", 1, 2, 45, 70, torch.float64)
     _, grad, ours = _fwd_bwd(q, k, v, mask, True, 0.25, mask_grad=True)
-    ref = _ref_grads(q, k, v, mask, True, 0.25, grad)
+    ref = ref_grads(q, k, v, mask, True, 0.25, grad)
     for name, a, b in zip(("dq", "dk", "dv", "dmask"), ours, ref):
         assert rel_err(a, b) < 1e-5, f"{name}: relative error {rel_err(a, b):.3e}"
 
@@ -329,7 +225,7 @@ def test_general_fp64():
 @pytest.mark.parametrize("E", [64, 128])
 def test_dropout_matches_cpu_op(dtype, causal, E):
     N, H, Hkv, L, S, p = BE.pick((2, 2, 1, 77, 131), (2, 4, 2, 77, 131)) + (0.3,)
-    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    q, k, v = attention_inputs(N, H, Hkv, L, S, E, E, dtype)
     mask = torch.randn(1, H, L, S, device=BE.device, dtype=dtype)
     rng = torch.tensor([int(torch.randint(0, 2**62, ()).item()), 17], dtype=torch.int64)
     scale = 1 / math.sqrt(E)
@@ -354,7 +250,7 @@ def test_deterministic_mode_is_bit_identical(dtype, E, features):
     # Several key blocks (128 keys each) add into every dq row, so the atomic order can differ run
     # to run (the emulator, like a GPU, runs blocks in a different order every launch).
     N, H, Hkv, L, S = BE.pick((1, 2, 1, 129, 300), (2, 4, 2, 300, 257))
-    q, k, v = _inputs(N, H, Hkv, L, S, E, E, dtype)
+    q, k, v = attention_inputs(N, H, Hkv, L, S, E, E, dtype)
     mask = torch.randn(1, H, L, S, device=BE.device, dtype=dtype) if features else None
     p = 0.2 if features else 0.0
     rng = torch.tensor([12345, 6], dtype=torch.int64) if features else None
@@ -379,8 +275,8 @@ def test_deterministic_mode_is_bit_identical(dtype, E, features):
         # Same math, different summation order for dq only: equal up to rounding.
         assert rel_err(a, c) < 1e-2, f"{name}: deterministic vs atomic {rel_err(a, c):.3e}"
     if not features:
-        ref = _ref_grads(q, k, v, None, True, scale, grad)
-        theirs = _torch_grads(q, k, v, None, True, scale, grad)
+        ref = ref_grads(q, k, v, None, True, scale, grad)
+        theirs = torch_grads(q, k, v, None, True, scale, grad)
         for name, a, b, c in zip(("dq", "dk", "dv"), runs[0], theirs, ref):
             assert_within_torch_error(a, b, c, atol=ATOL[dtype], name=f"deterministic {name}")
 
@@ -393,7 +289,7 @@ def test_deterministic_mode_is_bit_identical(dtype, E, features):
                                          (torch.float32, 40, 5, 90)],
                          ids=["fast-bf16", "split-kv-fp16", "general-fp32"])
 def test_nan_propagates_like_torch(where, dtype, E, L, S):
-    q, k, v = _inputs(2, 2, 2, L, S, E, E, dtype)
+    q, k, v = attention_inputs(2, 2, 2, L, S, E, E, dtype)
     mask = torch.randn(L, S, device=BE.device, dtype=dtype)
     if L > 1:
         mask[0, :] = -math.inf  # row 0 is fully masked: it stays 0 whatever NaN is elsewhere
