@@ -12,8 +12,8 @@
 // 1. attention_bwd_preprocess_kernel<T, Acc>: one warp per query row: Dsum = rowsum(dO * O) in Acc
 //    into the workspace, and zeroes that row of the fp32 dQ accumulator (fast path, atomics).
 //
-// 2. attention_bwd_dkdv_kernel<T, D, kFeatures> (fp16/bf16, E == Ev, E % 8 == 0, E <= 128; E is
-//    zero-padded to the next of D = 32, 64, 96, 128 by the cp.async zero fill):
+// 2. attention_bwd_dkdv_kernel<T, BwdTraits<D>, kFeatures> (fp16/bf16, E == Ev, E % 8 == 0,
+//    E <= 128; E is zero-padded to the next head dim of dispatch.cuh by the cp.async zero fill):
 //    one thread block per (key tile of kBlockN = 128 rows, kv head, batch); kBlockN / 16 = 8 warps,
 //    warp w owns key rows [16 w, 16 w + 16) of the tile and keeps their dK and dV (16 x D fp32
 //    each) in registers for the whole kernel. The block loops over the H / Hkv query heads of its
@@ -34,23 +34,18 @@
 //    Shared memory (rows padded to D + 8 elements, dS^T rows to kBlockM + 8: 8 consecutive rows
 //    start 4 banks apart, so ldmatrix phases, cp.async writes and the fragment stores are
 //    conflict-free): K, V (2 x 128 rows), 2 stages of Q and dO (kBlockM rows each), dS^T
-//    (128 x (kBlockM + 8)), 2 stages of lse and Dsum (fp32):
-//       D     kBlockM  smem (bytes)   registers sm_90 (feat=0 / feat=1, spill bytes)
-//       32      64       60416         201 / 166
-//       64      64       93184         224 / 228
-//       96      64      125952         252 / 255 (12 B spill)
-//      128      32      115200         255 / 255 (28 B spill)
-//    (sm_80: D = 96 feat=0 spills 20 B.) kFeatures = false compiles out mask, dropout and dmask.
+//    (128 x (kBlockM + 8)), 2 stages of lse and Dsum (fp32); sizes in BwdTraits<D>. Registers and
+//    spills per instantiation: scripts/check_cuda_compile.sh. kFeatures = false compiles out mask,
+//    dropout and dmask.
 //    D = 256 would need 256 accumulator registers per thread for dK and dV alone: general path.
 //
 // 3. attention_bwd_dq_convert_kernel<T>: dq = T(scale * dq_accum) through dq's strides.
 //
 // 4. Deterministic mode (params.deterministic): no atomics. The dK/dV kernel runs without its dQ
-//    part and attention_bwd_dq_kernel<T, D, kFeatures> computes dQ in a second pass: one block per
-//    (query tile of 64 rows, head, batch), 4 warps of 16 query rows, looping in a fixed order over
-//    key tiles of 64 (32 for D = 128), double-buffered with cp.async: recomputes S, P, dP, dS and
-//    accumulates dQ in registers, then writes dq directly (smem 30720 / 55296 / 79872 / 69632
-//    bytes for D = 32 / 64 / 96 / 128; 172-244 registers, no spills). Bit-identical run to run.
+//    part and attention_bwd_dq_kernel<T, DqTraits<D>, kFeatures> computes dQ in a second pass: one
+//    block per (query tile of 64 rows, head, batch), 4 warps of 16 query rows, looping in a fixed
+//    order over key tiles of 64 (32 for D = 128), double-buffered with cp.async: recomputes S, P, dP, dS and
+//    accumulates dQ in registers, then writes dq directly. Bit-identical run to run.
 //    Cost: S = Q K^T and dP = dO V^T are computed twice, so 7 instead of 5 matrix products of the
 //    same size (~1.4x the tensor-core work), minus the atomics and the conversion pass.
 //
@@ -69,15 +64,14 @@
 // for the fast path the fp32 dQ accumulator (N H L E floats) -- requested whether or not
 // params.deterministic is set, so the size does not depend on the flag. Its contents on entry do
 // not matter: the preprocess kernel writes Dsum and zeroes the accumulator on the stream.
-#include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "attention_bwd_utils.cuh"
-#include "attention_kernel_utils.cuh"
+#include "attention_common.cuh"
+#include "dispatch.cuh"
 #include "launchers.h"
 #include "params.h"
 
@@ -85,92 +79,28 @@ namespace tx_kernels {
 namespace {
 
 using namespace attn;
-using namespace attn_bwd;
+using cuda::AccType;
+using cuda::dispatch_bool;
+using cuda::dispatch_head_dim;
+using cuda::kIs16Bit;
 
-constexpr float kLog2eF = 1.4426950408889634f;
-
-// Everything the kernels need, flattened from AttentionBwdParams by the launcher.
-struct BwdArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* out;
-  const void* dout;
-  const float* lse;
-  void* dq;
-  void* dk;
-  void* dv;
-  float* dmask;     // (N, H, L, S) contiguous or nullptr; fp64 for fp64 inputs (see as_acc)
-  void* dsum;       // (N, H, L) Acc, workspace
-  float* dq_accum;  // (N, H, L, E) fp32, workspace; nullptr: no atomics (deterministic / general)
-  int64_t N, H, Hkv, L, S, E, Ev;
-  int64_t group;  // H / Hkv
-  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], do_stride[3];
-  int64_t dq_stride[3], dk_stride[3], dv_stride[3];
-
-  int mask_kind;  // MaskKind as int; 0 when there is no mask
-  DType mask_dtype;
-  const void* mask;
-  int64_t mask_stride[4];
-
-  float scale;       // fast kernels (narrowed from the double in params)
-  float scale_log2;  // scale * log2(e): the fast kernels' scores live in the log2 domain
-  double scale_d;    // general kernels with fp64 accumulation
-  bool causal;
-
-  bool dropout;
-  uint32_t drop_threshold;
-  float drop_scale;
-  double drop_scale_d;
-  DropoutRng rng;
-
-  int num_m_blocks;  // query tiles (dq kernel) or query tiles per head (dkdv kernel)
-  int num_n_blocks;  // key tiles (dkdv kernel)
-};
-
-// Additive bias of mask element (n, h, i, j): the value for a floating mask, 0 / -inf for a bool
-// mask (true = attend). The caller guarantees i < L and j < S.
-template <typename Acc>
-__device__ __forceinline__ Acc mask_bias(const BwdArgs& a, int64_t n, int64_t h, int64_t i, int64_t j) {
-  const int64_t off = n * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] +
-                      j * a.mask_stride[3];
-  if (a.mask_kind == static_cast<int>(MaskKind::kBool)) {
-    return reinterpret_cast<const uint8_t*>(a.mask)[off] ? Acc(0)
-                                                         : -static_cast<Acc>(__builtin_huge_valf());
-  }
-  switch (a.mask_dtype) {
-    case DType::kFloat32: return static_cast<Acc>(reinterpret_cast<const float*>(a.mask)[off]);
-    case DType::kFloat16: return static_cast<Acc>(__half2float(reinterpret_cast<const __half*>(a.mask)[off]));
-    case DType::kBFloat16:
-      return static_cast<Acc>(__bfloat162float(reinterpret_cast<const __nv_bfloat16*>(a.mask)[off]));
-    case DType::kFloat64: return static_cast<Acc>(reinterpret_cast<const double*>(a.mask)[off]);
-    default: return Acc(0);
-  }
-}
-
-template <typename To, typename From>
-__device__ __forceinline__ To cvt(From x) {
-  return convert<To, From>(x);
-}
-// convert<> in attention_kernel_utils.cuh covers float <-> half/bf16 and same-type casts; these
-// two pairs are needed by the fp64 general path only through static_cast, which is what the
-// generic template does.
+constexpr int kMaxFastDim = 128;
+constexpr int kRowThreads = 256;  // preprocess and dq conversion kernels
 
 // ---------------------------------------------------------------------------------------------
 // 1. Preprocess: Dsum = rowsum(dO * O) (Acc), and zero the dQ accumulator row.
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(kRowThreads) attention_bwd_preprocess_kernel(const BwdArgs a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;  // (n H + h) L + i
   if (row >= a.N * a.H * a.L) return;
-  const int64_t i = row % a.L, bh = row / a.L;
-  const int64_t h = bh % a.H, n = bh / a.H;
-  const T* o = reinterpret_cast<const T*>(a.out) + n * a.out_stride[0] + h * a.out_stride[1] + i * a.out_stride[2];
-  const T* d = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2];
+  const int64_t i = row % a.L, h = (row / a.L) % a.H, n = row / a.L / a.H;
+  const T* o = head_ptr<T>(a.out, a.out_stride, n, h) + i * a.out_stride[2];
+  const T* d = head_ptr<T>(a.dout, a.do_stride, n, h) + i * a.do_stride[2];
   Acc acc = Acc(0);
-  for (int64_t c = lane; c < a.Ev; c += 32) acc += cvt<Acc>(o[c]) * cvt<Acc>(d[c]);
-  acc = warp_sum(acc);
+  for (int64_t c = lane; c < a.Ev; c += 32) acc += convert<Acc>(o[c]) * convert<Acc>(d[c]);
+  acc = warp_reduce_sum(acc);
   if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
   if (a.dq_accum != nullptr) {
     float* dqa = a.dq_accum + row * a.E;
@@ -185,633 +115,512 @@ __global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const Bwd
 // D = 128 takes kBlockM = 32 to stay under 255 registers without spilling.
 template <int D>
 struct BwdTraits {
+  static constexpr int kHeadDim = D;
   static constexpr int kBlockM = D >= 128 ? 32 : 64;  // query rows per step
-  static constexpr int kBlockN = 128;                 // key rows per block (8 warps x 16)
-};
-
-template <int D>
-constexpr size_t dkdv_smem_bytes() {
-  constexpr int kBlockM = BwdTraits<D>::kBlockM, kBlockN = BwdTraits<D>::kBlockN;
-  return static_cast<size_t>(2 * kBlockN + 4 * kBlockM) * (D + 8) * 2  // K, V, 2 x (Q, dO)
-         + static_cast<size_t>(kBlockN) * (kBlockM + 8) * 2           // dS^T
-         + static_cast<size_t>(4 * kBlockM) * sizeof(float);           // 2 x (lse, Dsum)
-}
-
-template <typename T, int D, bool kFeatures>
-__global__ void __launch_bounds__(BwdTraits<D>::kBlockN / 16 * 32, 1) attention_bwd_dkdv_kernel(const BwdArgs a) {
-  constexpr int kBlockM = BwdTraits<D>::kBlockM;
-  constexpr int kBlockN = BwdTraits<D>::kBlockN;
-  constexpr int kNWarps = kBlockN / 16;
-  constexpr int kNThreads = kNWarps * 32;
-  constexpr int kStride = D + 8;           // padded shared row of Q, K, V, dO (elements)
-  constexpr int kSdsStride = kBlockM + 8;  // padded shared row of dS^T
-  constexpr int kMT = kBlockM / 8;         // n-tiles (query columns) of S^T / dP^T per warp
-  constexpr int kKT = D / 16;              // k-steps over the head dim
-  constexpr int kDT = D / 8;               // n-tiles of dK / dV
-  constexpr int kMK = kBlockM / 16;        // k-steps over query rows (dV, dK products)
-  constexpr int kRT = kBlockM / 16;        // dQ: row tiles of 16 query rows
-  constexpr int kCG = kNWarps / kRT;       // dQ: column groups
-  constexpr int kDC = D / kCG;             // dQ: columns per warp
-  constexpr int kNK = kBlockN / 16;        // dQ: k-steps over key rows
+  static constexpr int kBlockN = 128;                 // key rows per block
+  static constexpr int kNWarps = kBlockN / 16;        // warp w owns key rows [16 w, 16 w + 16)
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = D + 8;           // padded shared row of Q, K, V, dO (elements)
+  static constexpr int kSdsStride = kBlockM + 8;  // padded shared row of dS^T
+  static constexpr int kMT = kBlockM / 8;         // n-tiles (query columns) of S^T / dP^T per warp
+  static constexpr int kKT = D / 16;              // k-steps over the head dim
+  static constexpr int kDT = D / 8;               // n-tiles of dK / dV
+  static constexpr int kMK = kBlockM / 16;        // k-steps over query rows (dV, dK products)
+  static constexpr int kRT = kBlockM / 16;        // dQ: row tiles of 16 query rows
+  static constexpr int kCG = kNWarps / kRT;       // dQ: column groups
+  static constexpr int kDC = D / kCG;             // dQ: columns per warp
+  static constexpr int kNK = kBlockN / 16;        // dQ: k-steps over key rows
+  // K, V, 2 x (Q, dO) and dS^T of 2-byte elements, then 2 x (lse, Dsum) fp32.
+  static constexpr size_t kSmemBytes = static_cast<size_t>(2 * kBlockN + 4 * kBlockM) * kStride * 2 +
+                                       static_cast<size_t>(kBlockN) * kSdsStride * 2 +
+                                       static_cast<size_t>(4 * kBlockM) * sizeof(float);
   static_assert(D % 16 == 0 && kBlockM % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
   static_assert(kNWarps % kRT == 0 && kDC % 16 == 0 && kDC * kCG == D, "dQ warp layout");
   static_assert(kMT * 4 <= 32, "dropout keep bits fit one word");
-  constexpr float kInf = __builtin_huge_valf();
+};
 
+// Z of the dK / dV kernel, from one keep bit per accumulator element (bit nt * 4 + e); without
+// dropout (on == false) values pass unscaled.
+struct KeepBits {
+  uint32_t bits;
+  float scale;
+  bool on;
+  __device__ __forceinline__ float operator()(float x, int nt, int e) const {
+    if (!on) return x;
+    return ((bits >> (nt * 4 + e)) & 1u) ? x * scale : 0.f;
+  }
+};
+
+// Fragment element (nt, e) of a warp of the dK / dV kernel: key j_w + g + 8 (e >> 1), query
+// m0 + nt * 8 + cq + (e & 1) (the transposed products put keys on the rows).
+__device__ __forceinline__ int64_t dkdv_key(int64_t j_w, int lane, int e) { return j_w + (lane >> 2) + ((e >> 1) << 3); }
+__device__ __forceinline__ int dkdv_query(int lane, int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); }
+
+// P^T = exp2(S^T - lse) of the warp's 16 keys and the step's kBlockM queries; lse_s is +inf for
+// rows >= L and fully masked rows, so p = 0 there.
+template <typename Tr, bool kFeatures>
+__device__ __forceinline__ void dkdv_probs(const BwdArgs& a, float (&s)[Tr::kMT][4], int64_t n, int64_t h,
+                                           int64_t j_w, int64_t m0, const float* lse_s, int lane) {
+  const bool need_bounds = (j_w + 15 >= a.S) || (a.causal && j_w + 15 > m0);
+#pragma unroll
+  for (int nt = 0; nt < Tr::kMT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int il = dkdv_query(lane, nt, e);
+      const float sc = bwd_score<kFeatures>(a, s[nt][e], need_bounds, n, h, m0 + il, dkdv_key(j_w, lane, e));
+      s[nt][e] = fast_exp2(sc - lse_s[il]);
+    }
+  }
+}
+
+template <typename Tr>
+__device__ __forceinline__ uint32_t dkdv_keep_bits(const BwdArgs& a, int64_t n, int64_t h, int64_t j_w, int64_t m0,
+                                                   int lane) {
+  uint32_t bits = 0u;
+#pragma unroll
+  for (int nt = 0; nt < Tr::kMT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = dkdv_key(j_w, lane, e), i = m0 + dkdv_query(lane, nt, e);
+      if (i < a.L && j < a.S && keep(a, element_index(a, n, h, i, j))) bits |= 1u << (nt * 4 + e);
+    }
+  }
+  return bits;
+}
+
+// dS^T = P^T (dP^T Z - Dsum), in place of dP^T; also the mask gradient when asked for.
+template <typename Tr, bool kFeatures>
+__device__ __forceinline__ void dkdv_grad_scores(const BwdArgs& a, float (&dp)[Tr::kMT][4], const float (&p)[Tr::kMT][4],
+                                                 const KeepBits& z, int64_t n, int64_t h, int64_t j_w, int64_t m0,
+                                                 const float* dsum_s, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < Tr::kMT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int il = dkdv_query(lane, nt, e);
+      dp[nt][e] = softmax_grad(p[nt][e], z(dp[nt][e], nt, e) - dsum_s[il]);
+      if constexpr (kFeatures) {
+        const int64_t i = m0 + il, j = dkdv_key(j_w, lane, e);
+        if (a.dmask != nullptr && i < a.L && j < a.S) a.dmask[element_index(a, n, h, i, j)] = dp[nt][e];
+      }
+    }
+  }
+}
+
+// dQ += dS K for the step's kBlockM queries, added atomically into the fp32 workspace (scale
+// applied on conversion): dS^T goes to shared memory, then warp (rt, cg) computes query rows
+// rt * 16.. x features cg * kDC.. of the product. Every warp of the block calls this.
+template <typename T, typename Tr>
+__device__ __forceinline__ void dkdv_atomic_dq(const BwdArgs& a, const float (&ds)[Tr::kMT][4], T* sdS, const T* sK,
+                                               int64_t n, int64_t h, int64_t m0, int warp, int lane) {
+  store_frags<T>(sdS + warp * 16 * Tr::kSdsStride, Tr::kSdsStride, ds, 1.f, 1.f, lane);
+  __syncthreads();
+  const int rt = warp % Tr::kRT, cg = warp / Tr::kRT;
+  float acc_q[Tr::kDC / 8][4];
+  zero(acc_q);
+  warp_mma<T, Tr::kNK>(
+      acc_q, [&](uint32_t (&f)[4], int kk) { frag_a_t(f, sdS + rt * 16, Tr::kSdsStride, kk, lane); },
+      [&](uint32_t (&f)[4], int dt, int kk) { frag_b_t(f, sK + cg * Tr::kDC, Tr::kStride, dt, kk, lane); });
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = m0 + rt * 16 + (lane >> 2) + 8 * r;
+    if (i >= a.L) continue;
+    float* dst = a.dq_accum + row_index(a, n, h, i) * a.E;
+#pragma unroll
+    for (int dt = 0; dt < Tr::kDC / 8; ++dt) {
+      const int col = cg * Tr::kDC + dt * 8 + (lane & 3) * 2;
+      if (col >= a.E) continue;  // E % 8 == 0: col and col + 1 are both inside or both outside
+      atomicAdd(dst + col, acc_q[dt][2 * r]);
+      atomicAdd(dst + col + 1, acc_q[dt][2 * r + 1]);
+    }
+  }
+}
+
+// The shared tiles of one step: Q and dO rows, lse (log2 domain) and Dsum.
+template <typename T>
+struct DkdvStage {
+  const T* sQ;
+  const T* sdO;
+  const float* lse;
+  const float* dsum;
+};
+
+// One (head, query tile) step of the dK / dV kernel for one warp.
+template <typename T, typename Tr, bool kFeatures>
+__device__ __forceinline__ void dkdv_step(const BwdArgs& a, float (&acc_dk)[Tr::kDT][4], float (&acc_dv)[Tr::kDT][4],
+                                          const DkdvStage<T>& st, const T* sK, T* sdS, int64_t n, int64_t h,
+                                          int64_t m0, int64_t j_w, int warp, int lane) {
+  constexpr int kStride = Tr::kStride;
+  const T* sKw = sK + warp * 16 * kStride;
+  const T* sVw = sKw + Tr::kBlockN * kStride;  // V follows K
+  float s[Tr::kMT][4], dp[Tr::kMT][4];
+  zero(s);
+  warp_mma<T, Tr::kKT>(  // S^T = K Q^T
+      s, [&](uint32_t (&f)[4], int kk) { frag_a(f, sKw, kStride, kk, lane); },
+      [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, st.sQ, kStride, nt, kk, lane); });
+  dkdv_probs<Tr, kFeatures>(a, s, n, h, j_w, m0, st.lse, lane);
+  KeepBits z{0u, a.drop_scale, false};
+  if constexpr (kFeatures) {
+    z.on = a.dropout;
+    if (a.dropout) z.bits = dkdv_keep_bits<Tr>(a, n, h, j_w, m0, lane);
+  }
+  warp_mma<T, Tr::kMK>(  // dV += (P Z)^T dO
+      acc_dv, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, s, kp, z); },
+      [&](uint32_t (&f)[4], int dt, int kp) { frag_b_t(f, st.sdO, kStride, dt, kp, lane); });
+  zero(dp);
+  warp_mma<T, Tr::kKT>(  // dP^T = V dO^T
+      dp, [&](uint32_t (&f)[4], int kk) { frag_a(f, sVw, kStride, kk, lane); },
+      [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, st.sdO, kStride, nt, kk, lane); });
+  dkdv_grad_scores<Tr, kFeatures>(a, dp, s, z, n, h, j_w, m0, st.dsum, lane);
+  warp_mma<T, Tr::kMK>(  // dK += dS^T Q (scale applied in the epilogue)
+      acc_dk, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, dp, kp); },
+      [&](uint32_t (&f)[4], int dt, int kp) { frag_b_t(f, st.sQ, kStride, dt, kp, lane); });
+  if (a.dq_accum != nullptr) dkdv_atomic_dq<T, Tr>(a, dp, sdS, sK, n, h, m0, warp, lane);  // uniform over the block
+}
+
+template <typename T, typename Tr, bool kFeatures>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dkdv_kernel(const BwdArgs a) {
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kStride = Tr::kStride, D = Tr::kHeadDim;
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kStride;
   T* sQ = sV + kBlockN * kStride;        // 2 stages of kBlockM rows
   T* sdO = sQ + 2 * kBlockM * kStride;   // 2 stages of kBlockM rows
   T* sdS = sdO + 2 * kBlockM * kStride;  // kBlockN rows (keys) x kBlockM (queries)
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kSdsStride);  // 2 stages, log2 domain
-  float* sDsum = sLse + 2 * kBlockM;                                   // 2 stages
-
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;         // fragment row (and row + 8)
-  const int cq = (lane & 3) * 2;   // fragment column pair
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * Tr::kSdsStride);  // 2 stages, log2 domain
+  float* sDsum = sLse + 2 * kBlockM;                                       // 2 stages
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
   // blockIdx.x -> (key tile fastest, kv head, batch). Under causality key tile 0 has the most
   // query tiles, and it is scheduled first.
-  int64_t bid = blockIdx.x;
-  const int n_blk = static_cast<int>(bid % a.num_n_blocks);
-  bid /= a.num_n_blocks;
-  const int64_t hk = bid % a.Hkv;
-  const int64_t n = bid / a.Hkv;
-  const int64_t L = a.L, S = a.S, H = a.H;
-  const int64_t n0 = static_cast<int64_t>(n_blk) * kBlockN;
-
-  // Query tiles [m_begin, num_m) of each head. Causal (query i sees keys <= i): a tile whose last
-  // row m0 + kBlockM - 1 is < n0 sees none of this block's keys.
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x % a.num_n_blocks) * kBlockN;
+  const int64_t hk = (blockIdx.x / a.num_n_blocks) % a.Hkv, n = blockIdx.x / a.num_n_blocks / a.Hkv;
+  // Steps: (query head of the group, query tile m_begin..) pairs. Causal (query i sees keys <= i):
+  // a tile whose last row m0 + kBlockM - 1 is < n0 sees none of this block's keys.
   const int m_begin = a.causal ? static_cast<int>(n0 / kBlockM) : 0;
   const int per_head = a.num_m_blocks > m_begin ? a.num_m_blocks - m_begin : 0;
   const int n_steps = static_cast<int>(a.group) * per_head;
-
-  const T* gk = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
-  const T* gv = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1];
-  const T* gq_n = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0];
-  const T* gdo_n = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0];
-  const float* dsum_g = reinterpret_cast<const float*>(a.dsum);
-
-  // Step s -> (head h, query tile m0).
   auto step_head = [&](int s) -> int64_t { return hk * a.group + s / per_head; };
   auto step_m0 = [&](int s) -> int64_t { return static_cast<int64_t>(m_begin + s % per_head) * kBlockM; };
 
-  // Issues the loads of step s into `stage`: Q and dO rows by cp.async, lse and Dsum by plain
-  // loads (they are transformed on the way: lse to the log2 domain, -inf -> +inf so that a fully
-  // masked row gives exp2(s - inf) = 0 instead of exp2(+inf); rows >= L get +inf and 0).
+  // Q and dO rows of step s by cp.async, lse and Dsum by plain loads into `stage`.
   auto load_step = [&](int s, int stage) {
     const int64_t h = step_head(s), m0 = step_m0(s);
-    load_rows_async<kBlockM, D, kStride, kNThreads>(sQ + stage * kBlockM * kStride, gq_n + h * a.q_stride[1],
-                                                    a.q_stride[2], m0, L, a.E, tid);
-    load_rows_async<kBlockM, D, kStride, kNThreads>(sdO + stage * kBlockM * kStride, gdo_n + h * a.do_stride[1],
-                                                    a.do_stride[2], m0, L, a.E, tid);
-    for (int r = tid; r < kBlockM; r += kNThreads) {
+    load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sQ + stage * kBlockM * kStride,
+                                                         head_ptr<T>(a.q, a.q_stride, n, h), a.q_stride[2], m0,
+                                                         a.L, a.E, tid);
+    load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sdO + stage * kBlockM * kStride,
+                                                         head_ptr<T>(a.dout, a.do_stride, n, h), a.do_stride[2],
+                                                         m0, a.L, a.E, tid);
+    for (int r = tid; r < kBlockM; r += Tr::kNThreads) {
       const int64_t i = m0 + r;
-      float l2 = kInf, ds = 0.f;
-      if (i < L) {
-        const float l = a.lse[(n * H + h) * L + i];
-        l2 = l == -kInf ? kInf : l * kLog2eF;
-        ds = dsum_g[(n * H + h) * L + i];
-      }
-      sLse[stage * kBlockM + r] = l2;
-      sDsum[stage * kBlockM + r] = ds;
+      sLse[stage * kBlockM + r] = lse_log2(a, n, h, i);
+      sDsum[stage * kBlockM + r] = i < a.L ? static_cast<const float*>(a.dsum)[row_index(a, n, h, i)] : 0.f;
     }
   };
-
-  load_rows_async<kBlockN, D, kStride, kNThreads>(sK, gk, a.k_stride[2], n0, S, a.E, tid);
-  load_rows_async<kBlockN, D, kStride, kNThreads>(sV, gv, a.v_stride[2], n0, S, a.E, tid);
+  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK, head_ptr<T>(a.k, a.k_stride, n, hk), a.k_stride[2], n0,
+                                                       a.S, a.E, tid);
+  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV, head_ptr<T>(a.v, a.v_stride, n, hk), a.v_stride[2], n0,
+                                                       a.S, a.E, tid);
   if (n_steps > 0) load_step(0, 0);
   cp_async_commit();
 
-  float acc_dk[kDT][4], acc_dv[kDT][4];
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc_dk[dt][e] = 0.f;
-      acc_dv[dt][e] = 0.f;
-    }
-  }
-
+  float acc_dk[Tr::kDT][4], acc_dv[Tr::kDT][4];
+  zero(acc_dk);
+  zero(acc_dv);
   const int64_t j_w = n0 + warp * 16;  // first key row of this warp
-  const T* sKw = sK + warp * 16 * kStride;
-  const T* sVw = sV + warp * 16 * kStride;
-
   for (int s = 0; s < n_steps; ++s) {
     const int stage = s & 1;
-    if (s + 1 < n_steps) {
+    const bool has_next = s + 1 < n_steps;
+    if (has_next) {
       load_step(s + 1, stage ^ 1);
       cp_async_commit();
-      cp_async_wait<1>();  // step s (and K, V) landed; step s + 1 may still be in flight
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
-
-    const int64_t h = step_head(s), m0 = step_m0(s);
-    const T* sQs = sQ + stage * kBlockM * kStride;
-    const T* sdOs = sdO + stage * kBlockM * kStride;
-    const float* lse_s = sLse + stage * kBlockM;
-    const float* dsum_s = sDsum + stage * kBlockM;
-
-    // ---- S^T = K Q^T: 16 keys x kBlockM queries per warp ----
-    float acc_s[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[nt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKT; ++kk) {
-      // A = K rows: lanes 0-15 address rows 0-15 at column kk*16, lanes 16-31 at kk*16 + 8.
-      uint32_t ka[4];
-      ldmatrix_x4(ka, sKw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int nt = 0; nt < kMT; nt += 2) {
-        // B = Q^T: Q rows are "column-major B". Lanes 0-7: queries nt*8.. / d kk*16 (b0 of nt),
-        // 8-15: d + 8 (b1 of nt), 16-31: the same for queries nt*8 + 8.. (n-tile nt + 1).
-        uint32_t qb[4];
-        ldmatrix_x4(qb, sQs + (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
-                            ((lane >> 3) & 1) * 8);
-        mma_16816<T>(acc_s[nt], ka, qb[0], qb[1]);
-        mma_16816<T>(acc_s[nt + 1], ka, qb[2], qb[3]);
-      }
-    }
-
-    // ---- P^T = exp2(S^T scale log2e + mask - lse log2e) ----
-    // Element (nt, e) of this lane: key j = j_w + g + 8 (e >> 1), query il = nt*8 + cq + (e & 1).
-    const bool need_bounds = (j_w + 15 >= S) || (a.causal && j_w + 15 > m0);
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t j = j_w + g + ((e >> 1) << 3);
-        const int il = nt * 8 + cq + (e & 1);
-        const int64_t i = m0 + il;
-        float sc = acc_s[nt][e] * a.scale_log2;
-        if (need_bounds && (j >= S || (a.causal && j > i))) sc = -kInf;
-        if constexpr (kFeatures) {
-          if (a.mask_kind != 0 && sc != -kInf && i < L && j < S) {
-            sc = add_mask(sc, mask_bias<float>(a, n, h, i, j), kLog2eF);
-          }
-        }
-        // lse_s is +inf for rows >= L and fully masked rows: p = 0 there.
-        acc_s[nt][e] = fast_exp2(sc - lse_s[il]);
-      }
-    }
-
-    // Dropout keep bits: bit nt*4 + e. Element index ((n H + h) L + i) S + j.
-    uint32_t keep = 0xFFFFFFFFu;
-    if constexpr (kFeatures) {
-      if (a.dropout) {
-        keep = 0u;
-#pragma unroll
-        for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t j = j_w + g + ((e >> 1) << 3);
-            const int64_t i = m0 + nt * 8 + cq + (e & 1);
-            if (i < L && j < S) {
-              const uint64_t idx = static_cast<uint64_t>(((n * H + h) * L + i) * S + j);
-              if (a.rng.word(idx) >= a.drop_threshold) keep |= 1u << (nt * 4 + e);
-            }
-          }
-        }
-      }
-    }
-    auto dropped = [&](float x, int nt, int e) -> float {
-      if constexpr (kFeatures) {
-        if (a.dropout) return ((keep >> (nt * 4 + e)) & 1u) ? x * a.drop_scale : 0.f;
-      }
-      return x;
-    };
-
-    // ---- dV += (P Z)^T dO ----
-#pragma unroll
-    for (int kp = 0; kp < kMK; ++kp) {
-      // The accumulators of n-tiles 2kp, 2kp+1 are exactly the A fragment of k-step kp.
-      uint32_t pa[4];
-      pa[0] = TypeTraits<T>::pack2(dropped(acc_s[2 * kp][0], 2 * kp, 0), dropped(acc_s[2 * kp][1], 2 * kp, 1));
-      pa[1] = TypeTraits<T>::pack2(dropped(acc_s[2 * kp][2], 2 * kp, 2), dropped(acc_s[2 * kp][3], 2 * kp, 3));
-      pa[2] = TypeTraits<T>::pack2(dropped(acc_s[2 * kp + 1][0], 2 * kp + 1, 0),
-                                   dropped(acc_s[2 * kp + 1][1], 2 * kp + 1, 1));
-      pa[3] = TypeTraits<T>::pack2(dropped(acc_s[2 * kp + 1][2], 2 * kp + 1, 2),
-                                   dropped(acc_s[2 * kp + 1][3], 2 * kp + 1, 3));
-#pragma unroll
-      for (int dt = 0; dt < kDT; dt += 2) {
-        // B = dO rows kp*16.. (k = query) x columns dt*8.. (n = feature), via .trans.
-        uint32_t ob[4];
-        ldmatrix_x4_trans(ob, sdOs + (kp * 16 + (lane & 15)) * kStride + dt * 8 + (lane >> 4) * 8);
-        mma_16816<T>(acc_dv[dt], pa, ob[0], ob[1]);
-        mma_16816<T>(acc_dv[dt + 1], pa, ob[2], ob[3]);
-      }
-    }
-
-    // ---- dP^T = V dO^T ----
-    float acc_dp[kMT][4];
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[nt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKT; ++kk) {
-      uint32_t va[4];
-      ldmatrix_x4(va, sVw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int nt = 0; nt < kMT; nt += 2) {
-        uint32_t ob[4];
-        ldmatrix_x4(ob, sdOs + (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
-                            ((lane >> 3) & 1) * 8);
-        mma_16816<T>(acc_dp[nt], va, ob[0], ob[1]);
-        mma_16816<T>(acc_dp[nt + 1], va, ob[2], ob[3]);
-      }
-    }
-
-    // ---- dS^T = P^T (dP^T Z - Dsum), kept in acc_dp ----
-#pragma unroll
-    for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = nt * 8 + cq + (e & 1);
-        acc_dp[nt][e] = softmax_grad(acc_s[nt][e], dropped(acc_dp[nt][e], nt, e) - dsum_s[il]);
-      }
-    }
-    if constexpr (kFeatures) {
-      if (a.dmask != nullptr) {
-#pragma unroll
-        for (int nt = 0; nt < kMT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t j = j_w + g + ((e >> 1) << 3);
-            const int64_t i = m0 + nt * 8 + cq + (e & 1);
-            if (i < L && j < S) a.dmask[((n * H + h) * L + i) * S + j] = acc_dp[nt][e];
-          }
-        }
-      }
-    }
-
-    // ---- dK += dS^T Q (scale applied in the epilogue) ----
-#pragma unroll
-    for (int kp = 0; kp < kMK; ++kp) {
-      uint32_t da[4];
-      da[0] = TypeTraits<T>::pack2(acc_dp[2 * kp][0], acc_dp[2 * kp][1]);
-      da[1] = TypeTraits<T>::pack2(acc_dp[2 * kp][2], acc_dp[2 * kp][3]);
-      da[2] = TypeTraits<T>::pack2(acc_dp[2 * kp + 1][0], acc_dp[2 * kp + 1][1]);
-      da[3] = TypeTraits<T>::pack2(acc_dp[2 * kp + 1][2], acc_dp[2 * kp + 1][3]);
-#pragma unroll
-      for (int dt = 0; dt < kDT; dt += 2) {
-        uint32_t qb[4];
-        ldmatrix_x4_trans(qb, sQs + (kp * 16 + (lane & 15)) * kStride + dt * 8 + (lane >> 4) * 8);
-        mma_16816<T>(acc_dk[dt], da, qb[0], qb[1]);
-        mma_16816<T>(acc_dk[dt + 1], da, qb[2], qb[3]);
-      }
-    }
-
-    // ---- dQ += dS K, added atomically into the fp32 workspace (scale applied on conversion) ----
-    if (a.dq_accum != nullptr) {  // uniform over the block: the barrier below is safe
-      // dS^T of this warp's 16 keys into shared rows [16 w, 16 w + 16), queries contiguous.
-#pragma unroll
-      for (int nt = 0; nt < kMT; ++nt) {
-        const int jl = warp * 16 + g, il = nt * 8 + cq;
-        *reinterpret_cast<uint32_t*>(sdS + jl * kSdsStride + il) = TypeTraits<T>::pack2(acc_dp[nt][0], acc_dp[nt][1]);
-        *reinterpret_cast<uint32_t*>(sdS + (jl + 8) * kSdsStride + il) =
-            TypeTraits<T>::pack2(acc_dp[nt][2], acc_dp[nt][3]);
-      }
-      __syncthreads();
-      // Warp -> (row tile rt of 16 queries, column group cg of kDC features).
-      const int rt = warp % kRT, cg = warp / kRT;
-      float acc_q[kDC / 8][4];
-#pragma unroll
-      for (int dt = 0; dt < kDC / 8; ++dt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_q[dt][e] = 0.f;
-      }
-#pragma unroll
-      for (int kk = 0; kk < kNK; ++kk) {
-        // A = dS (queries x keys) from the key-major dS^T via .trans: lanes 0-7 keys kk*16.. /
-        // queries rt*16 (a0), 8-15 queries + 8 (a1), 16-23 keys + 8 (a2), 24-31 both (a3).
-        uint32_t da[4];
-        ldmatrix_x4_trans(da, sdS + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * kSdsStride + rt * 16 +
-                                  ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int dt = 0; dt < kDC / 8; dt += 2) {
-          // B = K rows kk*16.. (k = key) x features, via .trans.
-          uint32_t kb[4];
-          ldmatrix_x4_trans(kb, sK + (kk * 16 + (lane & 15)) * kStride + cg * kDC + dt * 8 + (lane >> 4) * 8);
-          mma_16816<T>(acc_q[dt], da, kb[0], kb[1]);
-          mma_16816<T>(acc_q[dt + 1], da, kb[2], kb[3]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t i = m0 + rt * 16 + g + 8 * r;
-        if (i < L) {
-          float* dst = a.dq_accum + ((n * H + h) * L + i) * a.E;
-#pragma unroll
-          for (int dt = 0; dt < kDC / 8; ++dt) {
-            const int col = cg * kDC + dt * 8 + cq;
-            if (col < a.E) {  // E % 8 == 0: col and col + 1 are both inside or both outside
-              atomicAdd(dst + col, acc_q[dt][2 * r]);
-              atomicAdd(dst + col + 1, acc_q[dt][2 * r + 1]);
-            }
-          }
-        }
-      }
-    }
+    pipeline_wait(has_next);  // step s (and K, V) landed; step s + 1 may still be in flight
+    const DkdvStage<T> st{sQ + stage * kBlockM * kStride, sdO + stage * kBlockM * kStride, sLse + stage * kBlockM,
+                          sDsum + stage * kBlockM};
+    dkdv_step<T, Tr, kFeatures>(a, acc_dk, acc_dv, st, sK, sdS, n, step_head(s), step_m0(s), j_w, warp, lane);
     __syncthreads();  // this stage and sdS are free before the next prefetch / dS^T store
   }
 
-  // ---- epilogue: dK * scale and dV through the K / V tiles, 16-byte stores ----
+  // Epilogue: dK * scale and dV staged through the warp's own K / V rows, 16-byte stores.
   cp_async_wait<0>();  // with zero steps the K / V copies may still be landing
   __syncthreads();
   T* sdK = sK + warp * 16 * kStride;
   T* sdV = sV + warp * 16 * kStride;
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-    const int col = dt * 8 + cq;
-    *reinterpret_cast<uint32_t*>(sdK + g * kStride + col) =
-        TypeTraits<T>::pack2(acc_dk[dt][0] * a.scale, acc_dk[dt][1] * a.scale);
-    *reinterpret_cast<uint32_t*>(sdK + (g + 8) * kStride + col) =
-        TypeTraits<T>::pack2(acc_dk[dt][2] * a.scale, acc_dk[dt][3] * a.scale);
-    *reinterpret_cast<uint32_t*>(sdV + g * kStride + col) = TypeTraits<T>::pack2(acc_dv[dt][0], acc_dv[dt][1]);
-    *reinterpret_cast<uint32_t*>(sdV + (g + 8) * kStride + col) = TypeTraits<T>::pack2(acc_dv[dt][2], acc_dv[dt][3]);
-  }
+  store_frags<T>(sdK, kStride, acc_dk, a.scale, a.scale, lane);
+  store_frags<T>(sdV, kStride, acc_dv, 1.f, 1.f, lane);
   __syncwarp();
-  T* gdk = reinterpret_cast<T*>(a.dk) + n * a.dk_stride[0] + hk * a.dk_stride[1];
-  T* gdv = reinterpret_cast<T*>(a.dv) + n * a.dv_stride[0] + hk * a.dv_stride[1];
-  constexpr int kChunksPerRow = D / 8;
-  constexpr int kIters = 16 * kChunksPerRow / 32;
-  static_assert(16 * kChunksPerRow % 32 == 0, "epilogue chunks");
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int c = lane + it * 32;
-    const int r = c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * 8;
-    const int64_t j = j_w + r;
-    if (j < S && col < a.E) {
-      *reinterpret_cast<uint4*>(gdk + j * a.dk_stride[2] + col) = *reinterpret_cast<const uint4*>(sdK + r * kStride + col);
-      *reinterpret_cast<uint4*>(gdv + j * a.dv_stride[2] + col) = *reinterpret_cast<const uint4*>(sdV + r * kStride + col);
-    }
-  }
+  warp_store_rows<16, D>(head_ptr<T>(a.dk, a.dk_stride, n, hk), a.dk_stride[2], j_w, a.S, a.E, sdK, kStride, lane);
+  warp_store_rows<16, D>(head_ptr<T>(a.dv, a.dv_stride, n, hk), a.dv_stride[2], j_w, a.S, a.E, sdV, kStride, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
 // 3. dq = T(scale * dq_accum)
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t kMaxConvertBlocks = int64_t{1} << 20;  // the kernel is grid-stride beyond this
+
 template <typename T>
-__global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(kRowThreads) attention_bwd_dq_convert_kernel(const BwdArgs a) {
   const int64_t total = a.N * a.H * a.L * a.E;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     const int64_t c = idx % a.E, row = idx / a.E;
-    const int64_t i = row % a.L, bh = row / a.L;
-    const int64_t h = bh % a.H, n = bh / a.H;
-    reinterpret_cast<T*>(a.dq)[n * a.dq_stride[0] + h * a.dq_stride[1] + i * a.dq_stride[2] + c] =
-        TypeTraits<T>::from_float(a.dq_accum[idx] * a.scale);
+    const int64_t i = row % a.L, h = (row / a.L) % a.H, n = row / a.L / a.H;
+    head_ptr<T>(a.dq, a.dq_stride, n, h)[i * a.dq_stride[2] + c] = convert<T>(a.dq_accum[idx] * a.scale);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // 4. Deterministic dQ pass: one block per (query tile, head, batch), loop over key tiles.
 // ---------------------------------------------------------------------------------------------
-constexpr int kDqBlockM = 64;  // 4 warps x 16 query rows
-
 // Keys per step: dQ takes D / 2 registers, S and dP kBlockN / 2 each.
 template <int D>
 struct DqTraits {
+  static constexpr int kHeadDim = D;
+  static constexpr int kBlockM = 64;  // query rows per block, 16 per warp
   static constexpr int kBlockN = D >= 128 ? 32 : 64;
+  static constexpr int kNThreads = kBlockM / 16 * 32;
+  static constexpr int kStride = D + 8;
+  static constexpr int kNT = kBlockN / 8;   // n-tiles of S / dP per warp
+  static constexpr int kKT = D / 16;        // k-steps over the head dim
+  static constexpr int kDT = D / 8;         // n-tiles of dQ
+  static constexpr int kNK = kBlockN / 16;  // k-steps over keys (dQ product)
+  // Q, dO, then 2 stages of K and of V, 2-byte elements.
+  static constexpr size_t kSmemBytes = static_cast<size_t>(2 * kBlockM + 4 * kBlockN) * kStride * 2;
 };
 
-template <int D>
-constexpr size_t dq_smem_bytes() {
-  return static_cast<size_t>(2 * kDqBlockM + 4 * DqTraits<D>::kBlockN) * (D + 8) * 2;  // Q, dO, 2 x (K, V)
+// Keep decisions of the key pair j, j + 1 of the warp's two rows (false outside the problem).
+__device__ __forceinline__ void dq_keep_pairs(const BwdArgs& a, int64_t n, int64_t h, const int64_t (&row_i)[2],
+                                              int64_t j, bool (&kept)[2][2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    kept[r][0] = kept[r][1] = false;
+    if (row_i[r] < a.L && j < a.S) keep_pair(a, element_index(a, n, h, row_i[r], j), kept[r][0], kept[r][1]);
+  }
 }
 
-template <typename T, int D, bool kFeatures>
-__global__ void __launch_bounds__(kDqBlockM / 16 * 32, 1) attention_bwd_dq_kernel(const BwdArgs a) {
-  constexpr int kBlockM = kDqBlockM, kBlockN = DqTraits<D>::kBlockN;
-  constexpr int kNThreads = kBlockM / 16 * 32;
-  constexpr int kStride = D + 8;
-  constexpr int kNT = kBlockN / 8;   // n-tiles of S / dP per warp
-  constexpr int kKT = D / 16;        // k-steps over the head dim
-  constexpr int kDT = D / 8;         // n-tiles of dQ
-  constexpr int kNK = kBlockN / 16;  // k-steps over keys (dQ product)
-  constexpr float kInf = __builtin_huge_valf();
+// dS = P (dP Z - Dsum) in place of dP, element (nt, e) being query row_i[e >> 1] and key
+// j0 + nt * 8 + cq + (e & 1).
+template <typename Tr, bool kFeatures>
+__device__ __forceinline__ void dq_grad_scores(const BwdArgs& a, const float (&s)[Tr::kNT][4], float (&dp)[Tr::kNT][4],
+                                               int64_t n, int64_t h, const int64_t (&row_i)[2], int64_t j0,
+                                               const float (&lse2)[2], const float (&dsum)[2], int lane) {
+  const int64_t warp_row0 = row_i[0] - (lane >> 2);
+  const bool need_bounds = (j0 + Tr::kBlockN > a.S) || (a.causal && j0 + Tr::kBlockN - 1 > warp_row0);
+  const int cq = (lane & 3) * 2;
+#pragma unroll
+  for (int nt = 0; nt < Tr::kNT; ++nt) {
+    bool kept[2][2] = {{true, true}, {true, true}};
+    if (kFeatures && a.dropout) dq_keep_pairs(a, n, h, row_i, j0 + nt * 8 + cq, kept);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1;
+      const int64_t j = j0 + nt * 8 + cq + (e & 1);
+      const float p = fast_exp2(bwd_score<kFeatures>(a, s[nt][e], need_bounds, n, h, row_i[r], j) - lse2[r]);
+      float dpz = dp[nt][e];
+      if (kFeatures && a.dropout) dpz = kept[r][e & 1] ? dpz * a.drop_scale : 0.f;
+      dp[nt][e] = softmax_grad(p, dpz - dsum[r]);
+    }
+  }
+}
 
+// One key tile of the dQ kernel for one warp: S = Q K^T, dP = dO V^T, dS, then dQ += dS K.
+template <typename T, typename Tr, bool kFeatures>
+__device__ __forceinline__ void dq_tile(const BwdArgs& a, float (&acc_q)[Tr::kDT][4], const T* sQw, const T* sdOw,
+                                        const T* sKs, const T* sVs, int64_t n, int64_t h, const int64_t (&row_i)[2],
+                                        int64_t j0, const float (&lse2)[2], const float (&dsum)[2], int lane) {
+  constexpr int kStride = Tr::kStride;
+  float s[Tr::kNT][4], dp[Tr::kNT][4];
+  zero(s);
+  zero(dp);
+  warp_mma<T, Tr::kKT>(
+      s, [&](uint32_t (&f)[4], int kk) { frag_a(f, sQw, kStride, kk, lane); },
+      [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, sKs, kStride, nt, kk, lane); });
+  warp_mma<T, Tr::kKT>(
+      dp, [&](uint32_t (&f)[4], int kk) { frag_a(f, sdOw, kStride, kk, lane); },
+      [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, sVs, kStride, nt, kk, lane); });
+  dq_grad_scores<Tr, kFeatures>(a, s, dp, n, h, row_i, j0, lse2, dsum, lane);
+  warp_mma<T, Tr::kNK>(
+      acc_q, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, dp, kp); },
+      [&](uint32_t (&f)[4], int dt, int kp) { frag_b_t(f, sKs, kStride, dt, kp, lane); });
+}
+
+template <typename T, typename Tr, bool kFeatures>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dq_kernel(const BwdArgs a) {
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kStride = Tr::kStride, D = Tr::kHeadDim;
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockM * kStride;
   T* sK = sdO + kBlockM * kStride;     // 2 stages
   T* sV = sK + 2 * kBlockN * kStride;  // 2 stages
-
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, cq = (lane & 3) * 2;
 
-  int64_t bid = blockIdx.x;
-  const int m_idx = static_cast<int>(bid % a.num_m_blocks);
-  bid /= a.num_m_blocks;
-  const int64_t h = bid % a.H;
-  const int64_t n = bid / a.H;
+  const int m_idx = static_cast<int>(blockIdx.x % a.num_m_blocks);
+  const int64_t h = (blockIdx.x / a.num_m_blocks) % a.H, n = blockIdx.x / a.num_m_blocks / a.H;
   // Causal: the last query tiles have the most key tiles; start them first.
-  const int m_blk = a.causal ? a.num_m_blocks - 1 - m_idx : m_idx;
-  const int64_t m0 = static_cast<int64_t>(m_blk) * kBlockM;
-  const int64_t hk = h / a.group;
-  const int64_t L = a.L, S = a.S, H = a.H;
-
-  const T* gq = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1];
-  const T* gdo = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1];
-  const T* gk = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
-  const T* gv = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1];
-
-  int64_t keys = S;
-  if (a.causal) {
-    const int64_t last = m0 + kBlockM < L ? m0 + kBlockM : L;  // rows < last see keys < last
-    keys = last < S ? last : S;
-  }
+  const int64_t m0 = static_cast<int64_t>(a.causal ? a.num_m_blocks - 1 - m_idx : m_idx) * kBlockM;
+  const int64_t keys = a.causal ? imin(imin(m0 + kBlockM, a.L), a.S) : a.S;  // rows < m0 + kBlockM see keys < that
   const int64_t n_tiles = (keys + kBlockN - 1) / kBlockN;
-
-  load_rows_async<kBlockM, D, kStride, kNThreads>(sQ, gq, a.q_stride[2], m0, L, a.E, tid);
-  load_rows_async<kBlockM, D, kStride, kNThreads>(sdO, gdo, a.do_stride[2], m0, L, a.E, tid);
-  if (n_tiles > 0) {
-    load_rows_async<kBlockN, D, kStride, kNThreads>(sK, gk, a.k_stride[2], 0, S, a.E, tid);
-    load_rows_async<kBlockN, D, kStride, kNThreads>(sV, gv, a.v_stride[2], 0, S, a.E, tid);
-  }
+  const T* gk = head_ptr<T>(a.k, a.k_stride, n, h / a.group);
+  const T* gv = head_ptr<T>(a.v, a.v_stride, n, h / a.group);
+  auto load_kv = [&](int64_t t, int stage) {
+    load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK + stage * kBlockN * kStride, gk, a.k_stride[2],
+                                                         t * kBlockN, a.S, a.E, tid);
+    load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV + stage * kBlockN * kStride, gv, a.v_stride[2],
+                                                         t * kBlockN, a.S, a.E, tid);
+  };
+  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sQ, head_ptr<T>(a.q, a.q_stride, n, h), a.q_stride[2], m0, a.L,
+                                                       a.E, tid);
+  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sdO, head_ptr<T>(a.dout, a.do_stride, n, h), a.do_stride[2],
+                                                       m0, a.L, a.E, tid);
+  if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
   const int64_t warp_row0 = m0 + warp * 16;
-  const bool warp_active = warp_row0 < L;
-  const int64_t row_i[2] = {warp_row0 + g, warp_row0 + g + 8};
+  const bool warp_active = warp_row0 < a.L;
+  const int64_t row_i[2] = {warp_row0 + (lane >> 2), warp_row0 + (lane >> 2) + 8};
   float lse2[2], dsum[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse2[r] = kInf;
-    dsum[r] = 0.f;
-    if (row_i[r] < L) {
-      const float l = a.lse[(n * H + h) * L + row_i[r]];
-      lse2[r] = l == -kInf ? kInf : l * kLog2eF;
-      dsum[r] = reinterpret_cast<const float*>(a.dsum)[(n * H + h) * L + row_i[r]];
-    }
+    lse2[r] = lse_log2(a, n, h, row_i[r]);
+    dsum[r] = row_i[r] < a.L ? static_cast<const float*>(a.dsum)[row_index(a, n, h, row_i[r])] : 0.f;
   }
-
-  float acc_q[kDT][4];
-#pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_q[dt][e] = 0.f;
-  }
-  const T* sQw = sQ + warp * 16 * kStride;
-  const T* sdOw = sdO + warp * 16 * kStride;
-
+  float acc_q[Tr::kDT][4];
+  zero(acc_q);
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int stage = static_cast<int>(t & 1);
-    if (t + 1 < n_tiles) {
-      load_rows_async<kBlockN, D, kStride, kNThreads>(sK + (stage ^ 1) * kBlockN * kStride, gk, a.k_stride[2],
-                                                      (t + 1) * kBlockN, S, a.E, tid);
-      load_rows_async<kBlockN, D, kStride, kNThreads>(sV + (stage ^ 1) * kBlockN * kStride, gv, a.v_stride[2],
-                                                      (t + 1) * kBlockN, S, a.E, tid);
+    const bool has_next = t + 1 < n_tiles;
+    if (has_next) {
+      load_kv(t + 1, stage ^ 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
-
+    pipeline_wait(has_next);
     if (warp_active) {
-      const T* sKs = sK + stage * kBlockN * kStride;
-      const T* sVs = sV + stage * kBlockN * kStride;
-      const int64_t j0 = t * kBlockN;
-
-      // ---- S = Q K^T and dP = dO V^T: 16 queries x kBlockN keys per warp ----
-      float acc_s[kNT][4], acc_dp[kNT][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc_s[nt][e] = 0.f;
-          acc_dp[nt][e] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < kKT; ++kk) {
-        uint32_t qa[4], oa[4];
-        ldmatrix_x4(qa, sQw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
-        ldmatrix_x4(oa, sdOw + (lane & 15) * kStride + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-        for (int nt = 0; nt < kNT; nt += 2) {
-          uint32_t kb[4], vb[4];
-          const int off = (nt * 8 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 + ((lane >> 3) & 1) * 8;
-          ldmatrix_x4(kb, sKs + off);
-          ldmatrix_x4(vb, sVs + off);
-          mma_16816<T>(acc_s[nt], qa, kb[0], kb[1]);
-          mma_16816<T>(acc_s[nt + 1], qa, kb[2], kb[3]);
-          mma_16816<T>(acc_dp[nt], oa, vb[0], vb[1]);
-          mma_16816<T>(acc_dp[nt + 1], oa, vb[2], vb[3]);
-        }
-      }
-
-      // ---- P, then dS = P (dP Z - Dsum) in acc_dp ----
-      // Element (nt, e): query row_i[e >> 1], key j0 + nt*8 + cq + (e & 1).
-      const bool need_bounds = (j0 + kBlockN > S) || (a.causal && j0 + kBlockN - 1 > warp_row0);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        bool keep[2][2] = {{true, true}, {true, true}};
-        if constexpr (kFeatures) {
-          if (a.dropout) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int64_t i = row_i[r], j = j0 + nt * 8 + cq;
-              keep[r][0] = keep[r][1] = false;
-              if (i < L && j < S) {
-                keep_pair(a.rng, a.drop_threshold, static_cast<uint64_t>(((n * H + h) * L + i) * S + j),
-                          keep[r][0], keep[r][1]);
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const int64_t i = row_i[r];
-          const int64_t j = j0 + nt * 8 + cq + (e & 1);
-          float sc = acc_s[nt][e] * a.scale_log2;
-          if (need_bounds && (j >= S || (a.causal && j > i))) sc = -kInf;
-          if constexpr (kFeatures) {
-            if (a.mask_kind != 0 && sc != -kInf && i < L && j < S) {
-              sc = add_mask(sc, mask_bias<float>(a, n, h, i, j), kLog2eF);
-            }
-          }
-          const float p = fast_exp2(sc - lse2[r]);
-          float dp = acc_dp[nt][e];
-          if constexpr (kFeatures) {
-            if (a.dropout) dp = keep[r][e & 1] ? dp * a.drop_scale : 0.f;
-          }
-          acc_dp[nt][e] = softmax_grad(p, dp - dsum[r]);
-        }
-      }
-
-      // ---- dQ += dS K ----
-#pragma unroll
-      for (int kp = 0; kp < kNK; ++kp) {
-        uint32_t da[4];
-        da[0] = TypeTraits<T>::pack2(acc_dp[2 * kp][0], acc_dp[2 * kp][1]);
-        da[1] = TypeTraits<T>::pack2(acc_dp[2 * kp][2], acc_dp[2 * kp][3]);
-        da[2] = TypeTraits<T>::pack2(acc_dp[2 * kp + 1][0], acc_dp[2 * kp + 1][1]);
-        da[3] = TypeTraits<T>::pack2(acc_dp[2 * kp + 1][2], acc_dp[2 * kp + 1][3]);
-#pragma unroll
-        for (int dt = 0; dt < kDT; dt += 2) {
-          uint32_t kb[4];
-          ldmatrix_x4_trans(kb, sKs + (kp * 16 + (lane & 15)) * kStride + dt * 8 + (lane >> 4) * 8);
-          mma_16816<T>(acc_q[dt], da, kb[0], kb[1]);
-          mma_16816<T>(acc_q[dt + 1], da, kb[2], kb[3]);
-        }
-      }
+      dq_tile<T, Tr, kFeatures>(a, acc_q, sQ + warp * 16 * kStride, sdO + warp * 16 * kStride,
+                                sK + stage * kBlockN * kStride, sV + stage * kBlockN * kStride, n, h, row_i,
+                                t * kBlockN, lse2, dsum, lane);
     }
     __syncthreads();
   }
   cp_async_wait<0>();  // nothing may be left in flight when the block exits
-
   if (!warp_active) return;
-  T* gdq = reinterpret_cast<T*>(a.dq) + n * a.dq_stride[0] + h * a.dq_stride[1];
+  T* gdq = head_ptr<T>(a.dq, a.dq_stride, n, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t i = row_i[r];
-    if (i < L) {
-      T* dst = gdq + i * a.dq_stride[2];
 #pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        const int col = dt * 8 + cq;
-        if (col < a.E) {
-          dst[col] = TypeTraits<T>::from_float(acc_q[dt][2 * r] * a.scale);
-          dst[col + 1] = TypeTraits<T>::from_float(acc_q[dt][2 * r + 1] * a.scale);
-        }
-      }
+    for (int dt = 0; dt < Tr::kDT; ++dt) {
+      const int col = dt * 8 + (lane & 3) * 2;
+      if (row_i[r] >= a.L || col >= a.E) continue;
+      gdq[row_i[r] * a.dq_stride[2] + col] = convert<T>(acc_q[dt][2 * r] * a.scale);
+      gdq[row_i[r] * a.dq_stride[2] + col + 1] = convert<T>(acc_q[dt][2 * r + 1] * a.scale);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. General path
+// 5. General path: one warp per row, lanes over 32 rows of the other side at a time
 // ---------------------------------------------------------------------------------------------
+// p_ij and the dropout factor Z_ij of query i, key j, from qk = q_i . k_j (unscaled).
 template <typename Acc>
-__device__ __forceinline__ Acc general_scale(const BwdArgs& a) {
-  return static_cast<Acc>(a.scale_d);
+__device__ __forceinline__ void general_prob(const BwdArgs& a, Acc qk, int64_t n, int64_t h, int64_t i, int64_t j,
+                                             Acc lse, Acc& p, Acc& z) {
+  const Acc sc = masked_score(a, qk * scale_as<Acc>(a), Acc(1), n, h, i, j);
+  p = sc == -static_cast<Acc>(kInf) ? Acc(0) : exp_acc(sc - lse);
+  z = !a.dropout ? Acc(1) : keep(a, element_index(a, n, h, i, j)) ? drop_scale_as<Acc>(a) : Acc(0);
 }
+
+// The per-row state of general_dsum / general_dq: q_i and dO_i in shared memory (Acc), lse, and
+// where the keys of the head lie.
+template <typename T, typename Acc>
+struct GeneralQueryRow {
+  int64_t n, h, i, j_end;
+  Acc lse;
+  const T* k;
+  const T* v;
+};
+
+template <typename T, typename Acc>
+__device__ __forceinline__ GeneralQueryRow<T, Acc> general_query_row(const BwdArgs& a, int64_t row, Acc* sq, Acc* sdo,
+                                                                     int lane) {
+  GeneralQueryRow<T, Acc> r;
+  r.i = row % a.L;
+  r.h = (row / a.L) % a.H;
+  r.n = row / a.L / a.H;
+  r.j_end = a.causal ? imin(r.i + 1, a.S) : a.S;
+  r.lse = as_acc<Acc>(a.lse)[row];
+  r.k = head_ptr<T>(a.k, a.k_stride, r.n, r.h / a.group);
+  r.v = head_ptr<T>(a.v, a.v_stride, r.n, r.h / a.group);
+  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, r.n, r.h) + r.i * a.q_stride[2], a.E, Acc(1), lane);
+  warp_load_row(sdo, head_ptr<T>(a.dout, a.do_stride, r.n, r.h) + r.i * a.do_stride[2], a.Ev, Acc(1), lane);
+  __syncwarp();
+  return r;
+}
+
+// p_ij and dP_ij Z_ij of row r and key j. A fully masked row (lse = -inf) has no gradient.
+template <typename T, typename Acc>
+__device__ __forceinline__ void general_p_dpz(const BwdArgs& a, const GeneralQueryRow<T, Acc>& r, const Acc* sq,
+                                              const Acc* sdo, int64_t j, Acc& p, Acc& dpz) {
+  Acc z;
+  general_prob(a, dot_row(sq, r.k + j * a.k_stride[2], a.E), r.n, r.h, r.i, j, r.lse, p, z);
+  dpz = dot_row(sdo, r.v + j * a.v_stride[2], a.Ev) * z;
+}
+
+// Dsum, one warp per query row: D_i = sum_j p_ij Z_ij dP_ij, which equals rowsum(dO * O) for the
+// exact O. Computed this way instead of from the stored `out` because `out` was rounded to the
+// input dtype: for fp16/bf16 that rounding (2^-11 / 2^-8 relative) would be the largest error of
+// every gradient (sum_j dS_ij = dO.O - D_i is exactly 0 only with the exact O). It costs one more
+// pass over the keys; the general path is the slow path anyway.
 template <typename Acc>
-__device__ __forceinline__ Acc general_drop_scale(const BwdArgs& a) {
-  return static_cast<Acc>(a.drop_scale_d);
+constexpr int64_t general_dsum_smem_per_warp(int64_t E, int64_t Ev) {
+  return (E + Ev) * static_cast<int64_t>(sizeof(Acc));
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const BwdArgs a) {
+  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  Acc* sq = reinterpret_cast<Acc*>(smem_raw + warp * general_dsum_smem_per_warp<Acc>(a.E, a.Ev));
+  Acc* sdo = sq + a.E;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
+  if (row >= a.N * a.H * a.L) return;  // only warp-level syncs below
+  const GeneralQueryRow<T, Acc> r = general_query_row<T>(a, row, sq, sdo, lane);
+  Acc acc = Acc(0);
+  for (int64_t j = lane; j < r.j_end && r.lse != -static_cast<Acc>(kInf); j += 32) {
+    Acc p, dpz;
+    general_p_dpz(a, r, sq, sdo, j, p, dpz);
+    acc += p * dpz;
+  }
+  acc = warp_reduce_sum(acc);
+  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
 }
 
 // One warp per key row j of (n, hk): dk_j, dv_j over every query row of the group's heads.
+template <typename Acc>
+constexpr int64_t general_dkdv_smem_per_warp(int64_t E, int64_t Ev) {
+  return (2 * E + 2 * Ev + 64) * static_cast<int64_t>(sizeof(Acc));  // k, v, dk, dv rows, 2 x 32 weights
+}
+
+// p_ij Z_ij and dS_ij of query i of head h for the key row j (k_j and v_j in shared memory).
+template <typename T, typename Acc>
+__device__ __forceinline__ void general_key_lane(const BwdArgs& a, const Acc* sk, const Acc* sv, int64_t n, int64_t h,
+                                                 int64_t i, int64_t j, Acc& pz, Acc& ds) {
+  pz = ds = Acc(0);
+  const Acc lse = i < a.L ? as_acc<Acc>(a.lse)[row_index(a, n, h, i)] : -static_cast<Acc>(kInf);
+  if (lse == -static_cast<Acc>(kInf)) return;
+  Acc p, z;
+  general_prob(a, dot_row(sk, head_ptr<T>(a.q, a.q_stride, n, h) + i * a.q_stride[2], a.E), n, h, i, j, lse, p, z);
+  const Acc dp = dot_row(sv, head_ptr<T>(a.dout, a.do_stride, n, h) + i * a.do_stride[2], a.Ev);
+  ds = softmax_grad(p, dp * z - reinterpret_cast<const Acc*>(a.dsum)[row_index(a, n, h, i)]);
+  pz = p * z;
+}
+
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const BwdArgs a) {
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
-  Acc* sk = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (2 * E + 2 * Ev + 64);
+  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S;
+  Acc* sk = reinterpret_cast<Acc*>(smem_raw + warp * general_dkdv_smem_per_warp<Acc>(E, Ev));
   Acc* sv = sk + E;
   Acc* dk_acc = sv + Ev;
   Acc* dv_acc = dk_acc + E;
@@ -820,458 +629,157 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n Hkv + hk) S + j
   if (row >= a.N * a.Hkv * S) return;  // only warp-level syncs below
-  const int64_t j = row % S, nh = row / S;
-  const int64_t hk = nh % a.Hkv, n = nh / a.Hkv;
-  const Acc inf = static_cast<Acc>(__builtin_huge_valf());
-  const Acc scale = general_scale<Acc>(a);
-  const Acc drop_scale = general_drop_scale<Acc>(a);
-  const T* kj = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1] + j * a.k_stride[2];
-  const T* vj = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1] + j * a.v_stride[2];
-  for (int64_t c = lane; c < E; c += 32) {
-    sk[c] = cvt<Acc>(kj[c]);
-    dk_acc[c] = Acc(0);
-  }
-  for (int64_t c = lane; c < Ev; c += 32) {
-    sv[c] = cvt<Acc>(vj[c]);
-    dv_acc[c] = Acc(0);
-  }
+  const int64_t j = row % S, hk = (row / S) % a.Hkv, n = row / S / a.Hkv;
+  warp_load_row(sk, head_ptr<T>(a.k, a.k_stride, n, hk) + j * a.k_stride[2], E, Acc(1), lane);
+  warp_load_row(sv, head_ptr<T>(a.v, a.v_stride, n, hk) + j * a.v_stride[2], Ev, Acc(1), lane);
+  for (int64_t c = lane; c < E; c += 32) dk_acc[c] = Acc(0);
+  for (int64_t c = lane; c < Ev; c += 32) dv_acc[c] = Acc(0);
   __syncwarp();
-  const Acc* dsum_all = reinterpret_cast<const Acc*>(a.dsum);
 
   for (int64_t h = hk * a.group; h < (hk + 1) * a.group; ++h) {
-    const T* qh = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1];
-    const T* doh = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1];
-    const int64_t bh = n * H + h;
-    // Causal: query i sees key j iff j <= i.
-    for (int64_t i0 = a.causal ? j : 0; i0 < L; i0 += 32) {
-      const int64_t i = i0 + lane;
-      Acc p = Acc(0), ds = Acc(0);
-      if (i < L) {
-        const Acc lse = as_acc<Acc>(a.lse)[bh * L + i];
-        if (lse != -inf) {
-          const T* qi = qh + i * a.q_stride[2];
-          Acc dot = Acc(0);
-          for (int64_t c = 0; c < E; ++c) dot += cvt<Acc>(qi[c]) * sk[c];
-          Acc sc = dot * scale;
-          if (a.mask_kind != 0) sc = add_mask(sc, mask_bias<Acc>(a, n, h, i, j), Acc(1));
-          p = sc == -inf ? Acc(0) : exp_acc(sc - lse);
-          const T* doi = doh + i * a.do_stride[2];
-          Acc dp = Acc(0);
-          for (int64_t c = 0; c < Ev; ++c) dp += cvt<Acc>(doi[c]) * sv[c];
-          if (a.dropout) {
-            const bool keep = a.rng.word(static_cast<uint64_t>((bh * L + i) * S + j)) >= a.drop_threshold;
-            const Acc f = keep ? drop_scale : Acc(0);
-            ds = softmax_grad(p, dp * f - dsum_all[bh * L + i]);
-            p *= f;
-          } else {
-            ds = softmax_grad(p, dp - dsum_all[bh * L + i]);
-          }
-        }
-      }
-      sp[lane] = p;
+    const T* qh = head_ptr<T>(a.q, a.q_stride, n, h);
+    const T* doh = head_ptr<T>(a.dout, a.do_stride, n, h);
+    for (int64_t i0 = a.causal ? j : 0; i0 < L; i0 += 32) {  // causal: query i sees key j iff j <= i
+      Acc pz, ds;
+      general_key_lane<T>(a, sk, sv, n, h, i0 + lane, j, pz, ds);
+      sp[lane] = pz;
       sds[lane] = ds;
       __syncwarp();
-      const int cnt = static_cast<int>(L - i0 < 32 ? L - i0 : 32);
-      for (int64_t c = lane; c < Ev; c += 32) {
-        Acc acc = dv_acc[c];
-        for (int t = 0; t < cnt; ++t) acc += sp[t] * cvt<Acc>(doh[(i0 + t) * a.do_stride[2] + c]);
-        dv_acc[c] = acc;
-      }
-      for (int64_t c = lane; c < E; c += 32) {
-        Acc acc = dk_acc[c];
-        for (int t = 0; t < cnt; ++t) acc += sds[t] * cvt<Acc>(qh[(i0 + t) * a.q_stride[2] + c]);
-        dk_acc[c] = acc;
-      }
+      const int cnt = static_cast<int>(imin<int64_t>(L - i0, 32));
+      warp_axpy_rows(dv_acc, Ev, Acc(1), sp, cnt, doh + i0 * a.do_stride[2], a.do_stride[2], lane);
+      warp_axpy_rows(dk_acc, E, Acc(1), sds, cnt, qh + i0 * a.q_stride[2], a.q_stride[2], lane);
       __syncwarp();  // sp / sds are rewritten next iteration
     }
   }
-  T* dkj = reinterpret_cast<T*>(a.dk) + n * a.dk_stride[0] + hk * a.dk_stride[1] + j * a.dk_stride[2];
-  T* dvj = reinterpret_cast<T*>(a.dv) + n * a.dv_stride[0] + hk * a.dv_stride[1] + j * a.dv_stride[2];
-  for (int64_t c = lane; c < E; c += 32) dkj[c] = cvt<T>(dk_acc[c] * scale);
-  for (int64_t c = lane; c < Ev; c += 32) dvj[c] = cvt<T>(dv_acc[c]);
-}
-
-// p_ij and dP_ij Z_ij of query row i (q_i and dO_i in shared memory, Acc) and key j.
-template <typename T, typename Acc>
-__device__ __forceinline__ void general_p_dpz(const BwdArgs& a, const Acc* sq, const Acc* sdo, const T* k,
-                                              const T* v, int64_t n, int64_t h, int64_t i, int64_t j,
-                                              int64_t row, Acc lse, Acc& p, Acc& dpz) {
-  const T* kj = k + j * a.k_stride[2];
-  Acc dot = Acc(0);
-  for (int64_t c = 0; c < a.E; ++c) dot += sq[c] * cvt<Acc>(kj[c]);
-  Acc sc = dot * general_scale<Acc>(a);
-  if (a.mask_kind != 0) sc = add_mask(sc, mask_bias<Acc>(a, n, h, i, j), Acc(1));
-  p = sc == -static_cast<Acc>(__builtin_huge_valf()) ? Acc(0) : exp_acc(sc - lse);
-  const T* vj = v + j * a.v_stride[2];
-  Acc dp = Acc(0);
-  for (int64_t c = 0; c < a.Ev; ++c) dp += sdo[c] * cvt<Acc>(vj[c]);
-  if (a.dropout) {
-    const bool keep = a.rng.word(static_cast<uint64_t>(row * a.S + j)) >= a.drop_threshold;
-    dp *= keep ? general_drop_scale<Acc>(a) : Acc(0);
-  }
-  dpz = dp;
-}
-
-// General path Dsum, one warp per query row: D_i = sum_j p_ij Z_ij dP_ij, which equals
-// rowsum(dO * O) for the exact O. Computed this way instead of from the stored `out` because
-// `out` was rounded to the input dtype: for fp16/bf16 that rounding (2^-11 / 2^-8 relative) would
-// be the largest error of every gradient (sum_j dS_ij = dO.O - D_i is exactly 0 only with the
-// exact O). It costs one more pass over the keys; the general path is the slow path anyway.
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const BwdArgs a) {
-  TX_DYNAMIC_SHARED(unsigned char, smem_raw);
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
-  Acc* sq = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (E + Ev);
-  Acc* sdo = sq + E;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
-  if (row >= a.N * H * L) return;  // only warp-level syncs below
-  const int64_t i = row % L, bh = row / L;
-  const int64_t h = bh % H, n = bh / H, hk = h / a.group;
-  const T* qi = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
-  const T* doi = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2];
-  const T* k = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
-  const T* v = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1];
-  for (int64_t c = lane; c < E; c += 32) sq[c] = cvt<Acc>(qi[c]);
-  for (int64_t c = lane; c < Ev; c += 32) sdo[c] = cvt<Acc>(doi[c]);
-  __syncwarp();
-  const Acc lse = as_acc<Acc>(a.lse)[row];
-  Acc acc = Acc(0);
-  if (lse != -static_cast<Acc>(__builtin_huge_valf())) {  // a fully masked row keeps D = 0
-    const int64_t j_end = a.causal ? (i + 1 < S ? i + 1 : S) : S;
-    for (int64_t j = lane; j < j_end; j += 32) {
-      Acc p, dpz;
-      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
-      acc += p * dpz;
-    }
-  }
-  acc = warp_sum(acc);
-  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
+  warp_store_row(head_ptr<T>(a.dk, a.dk_stride, n, hk) + j * a.dk_stride[2], dk_acc, E, scale_as<Acc>(a), lane);
+  warp_store_row(head_ptr<T>(a.dv, a.dv_stride, n, hk) + j * a.dv_stride[2], dv_acc, Ev, Acc(1), lane);
 }
 
 // One warp per query row i of (n, h): dq_i, and the row of dmask.
+template <typename Acc>
+constexpr int64_t general_dq_smem_per_warp(int64_t E, int64_t Ev) {
+  return (2 * E + Ev + 32) * static_cast<int64_t>(sizeof(Acc));  // q, dO, dq rows, 32 dS values
+}
+
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const BwdArgs a) {
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S, H = a.H;
-  Acc* sq = reinterpret_cast<Acc*>(smem_raw) + static_cast<int64_t>(warp) * (2 * E + Ev + 32);
+  const int64_t E = a.E;
+  Acc* sq = reinterpret_cast<Acc*>(smem_raw + warp * general_dq_smem_per_warp<Acc>(E, a.Ev));
   Acc* sdo = sq + E;
-  Acc* dq_acc = sdo + Ev;
+  Acc* dq_acc = sdo + a.Ev;
   Acc* sds = dq_acc + E;  // 32 dS values
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
-  if (row >= a.N * H * L) return;  // only warp-level syncs below
-  const int64_t i = row % L, bh = row / L;
-  const int64_t h = bh % H, n = bh / H, hk = h / a.group;
-  const Acc scale = general_scale<Acc>(a);
-  const T* qi = reinterpret_cast<const T*>(a.q) + n * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
-  const T* doi = reinterpret_cast<const T*>(a.dout) + n * a.do_stride[0] + h * a.do_stride[1] + i * a.do_stride[2];
-  const T* k = reinterpret_cast<const T*>(a.k) + n * a.k_stride[0] + hk * a.k_stride[1];
-  const T* v = reinterpret_cast<const T*>(a.v) + n * a.v_stride[0] + hk * a.v_stride[1];
-  for (int64_t c = lane; c < E; c += 32) {
-    sq[c] = cvt<Acc>(qi[c]);
-    dq_acc[c] = Acc(0);
-  }
-  for (int64_t c = lane; c < Ev; c += 32) sdo[c] = cvt<Acc>(doi[c]);
-  __syncwarp();
-  const Acc lse = as_acc<Acc>(a.lse)[row];
-  const bool live = lse != -static_cast<Acc>(__builtin_huge_valf());  // a fully masked row has zero gradients
+  if (row >= a.N * a.H * a.L) return;  // only warp-level syncs below
+  for (int64_t c = lane; c < E; c += 32) dq_acc[c] = Acc(0);
+  const GeneralQueryRow<T, Acc> r = general_query_row<T>(a, row, sq, sdo, lane);
   const Acc dsum = reinterpret_cast<const Acc*>(a.dsum)[row];
-
-  const int64_t j_end = a.causal ? (i + 1 < S ? i + 1 : S) : S;
-  for (int64_t j0 = 0; j0 < j_end; j0 += 32) {
+  for (int64_t j0 = 0; j0 < r.j_end; j0 += 32) {
     const int64_t j = j0 + lane;
     Acc ds = Acc(0);
-    if (j < j_end && live) {
+    if (j < r.j_end && r.lse != -static_cast<Acc>(kInf)) {
       Acc p, dpz;
-      general_p_dpz<T, Acc>(a, sq, sdo, k, v, n, h, i, j, row, lse, p, dpz);
+      general_p_dpz(a, r, sq, sdo, j, p, dpz);
       ds = softmax_grad(p, dpz - dsum);
     }
-    if (a.dmask != nullptr && j < j_end) as_acc<Acc>(a.dmask)[row * S + j] = ds;
+    if (a.dmask != nullptr && j < r.j_end) as_acc<Acc>(a.dmask)[row * a.S + j] = ds;
     sds[lane] = ds;
     __syncwarp();
-    const int cnt = static_cast<int>(j_end - j0 < 32 ? j_end - j0 : 32);
-    for (int64_t c = lane; c < E; c += 32) {
-      Acc acc = dq_acc[c];
-      for (int t = 0; t < cnt; ++t) acc += sds[t] * cvt<Acc>(k[(j0 + t) * a.k_stride[2] + c]);
-      dq_acc[c] = acc;
-    }
+    const int cnt = static_cast<int>(imin<int64_t>(r.j_end - j0, 32));
+    warp_axpy_rows(dq_acc, E, Acc(1), sds, cnt, r.k + j0 * a.k_stride[2], a.k_stride[2], lane);
     __syncwarp();
   }
-  T* dqi = reinterpret_cast<T*>(a.dq) + n * a.dq_stride[0] + h * a.dq_stride[1] + i * a.dq_stride[2];
-  for (int64_t c = lane; c < E; c += 32) dqi[c] = cvt<T>(dq_acc[c] * scale);
+  warp_store_row(head_ptr<T>(a.dq, a.dq_stride, r.n, r.h) + r.i * a.dq_stride[2], dq_acc, E, scale_as<Acc>(a), lane);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-bool strides_mult8(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
-
-int64_t smem_limit(const DeviceInfo& dev) {
-  return dev.max_smem_per_block > 0 ? dev.max_smem_per_block : 48 * 1024;
-}
-
-int fast_head_dim(int64_t E) {
-  if (E <= 32) return 32;
-  if (E <= 64) return 64;
-  if (E <= 96) return 96;
-  if (E <= 128) return 128;
-  return 0;
-}
-
-size_t dkdv_smem_for(int D) {
-  switch (D) {
-    case 32: return dkdv_smem_bytes<32>();
-    case 64: return dkdv_smem_bytes<64>();
-    case 96: return dkdv_smem_bytes<96>();
-    default: return dkdv_smem_bytes<128>();
-  }
-}
-size_t dq_smem_for(int D) {
-  switch (D) {
-    case 32: return dq_smem_bytes<32>();
-    case 64: return dq_smem_bytes<64>();
-    case 96: return dq_smem_bytes<96>();
-    default: return dq_smem_bytes<128>();
-  }
-}
-
 // The fast head-dim instantiation for this problem, or 0 for the general path.
-int fast_plan(const AttentionBwdParams& p, const DeviceInfo& dev) {
+int fast_plan(const AttentionBwdParams& p, const DeviceInfo& device) {
   const bool low_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
   if (!low_precision || p.head_dim != p.v_head_dim || p.head_dim <= 0 || p.head_dim % 8 != 0) return 0;
-  const int D = fast_head_dim(p.head_dim);
+  const int D = cuda::pick_head_dim<kMaxFastDim>(p.head_dim);
   if (D == 0 || p.q_len <= 0 || p.kv_len <= 0) return 0;
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.grad_out) || !aligned16(p.dk) ||
-      !aligned16(p.dv)) {
+  if (!tiles_vectorizable(p.q, p.q_stride) || !tiles_vectorizable(p.k, p.k_stride) ||
+      !tiles_vectorizable(p.v, p.v_stride) || !tiles_vectorizable(p.grad_out, p.grad_out_stride) ||
+      !tiles_vectorizable(p.dk, p.dk_stride) || !tiles_vectorizable(p.dv, p.dv_stride)) {
     return 0;
   }
-  if (!strides_mult8(p.q_stride) || !strides_mult8(p.k_stride) || !strides_mult8(p.v_stride) ||
-      !strides_mult8(p.grad_out_stride) || !strides_mult8(p.dk_stride) || !strides_mult8(p.dv_stride)) {
-    return 0;
-  }
-  const size_t smem = dkdv_smem_for(D) > dq_smem_for(D) ? dkdv_smem_for(D) : dq_smem_for(D);
-  if (static_cast<int64_t>(smem) > smem_limit(dev)) return 0;
-  // Grid sizes (1D) and the int step / tile counters of the kernels.
-  const int64_t m_tiles = (p.q_len + 31) / 32;  // the smallest query tile of any kernel
-  if (m_tiles * p.batch * p.heads > 0x7fffffff || m_tiles * (p.heads / p.kv_heads) > 0x7fffffff) return 0;
-  const int64_t n_tiles = (p.kv_len + 127) / 128;
-  if (n_tiles * p.batch * p.kv_heads > 0x7fffffff) return 0;
-  return D;
+  bool fits = false;
+  dispatch_head_dim<kMaxFastDim>(D, [&](auto d) {
+    using Tr = BwdTraits<decltype(d)::value>;
+    using Dq = DqTraits<decltype(d)::value>;
+    constexpr size_t kSmem = Tr::kSmemBytes > Dq::kSmemBytes ? Tr::kSmemBytes : Dq::kSmemBytes;
+    // The 1-D grids and the kernels' int step and tile counters must hold.
+    const int64_t dkdv_m = (p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, dq_m = (p.q_len + Dq::kBlockM - 1) / Dq::kBlockM;
+    const int64_t n_tiles = (p.kv_len + Tr::kBlockN - 1) / Tr::kBlockN;
+    fits = static_cast<int64_t>(kSmem) <= smem_limit(device) && dkdv_m * (p.heads / p.kv_heads) <= 0x7fffffff &&
+           dq_m * p.batch * p.heads <= 0x7fffffff && n_tiles * p.batch * p.kv_heads <= 0x7fffffff;
+    return cudaSuccess;
+  });
+  return fits ? D : 0;
 }
-
-size_t round_up256(size_t x) { return (x + 255) / 256 * 256; }
 
 size_t dsum_bytes(const AttentionBwdParams& p) {
   const size_t acc = p.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  return round_up256(static_cast<size_t>(p.batch) * p.heads * p.q_len * acc);
+  return cuda::round_up(static_cast<size_t>(p.batch) * p.heads * p.q_len * acc, 256);
 }
 
-BwdArgs make_args(const AttentionBwdParams& p, void* workspace) {
-  BwdArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.v = p.v;
-  a.out = p.out;
-  a.dout = p.grad_out;
-  a.lse = static_cast<const float*>(p.lse);  // fp64 for fp64 inputs (read through as_acc)
-  a.dq = p.dq;
-  a.dk = p.dk;
-  a.dv = p.dv;
-  a.dmask = static_cast<float*>(p.dmask);  // fp64 for fp64 inputs (written through as_acc)
-  a.dsum = workspace;
-  a.dq_accum = nullptr;
-  a.N = p.batch;
-  a.H = p.heads;
-  a.Hkv = p.kv_heads;
-  a.L = p.q_len;
-  a.S = p.kv_len;
-  a.E = p.head_dim;
-  a.Ev = p.v_head_dim;
-  a.group = p.heads / p.kv_heads;
-  for (int d = 0; d < 3; ++d) {
-    a.q_stride[d] = p.q_stride[d];
-    a.k_stride[d] = p.k_stride[d];
-    a.v_stride[d] = p.v_stride[d];
-    a.out_stride[d] = p.out_stride[d];
-    a.do_stride[d] = p.grad_out_stride[d];
-    a.dq_stride[d] = p.dq_stride[d];
-    a.dk_stride[d] = p.dk_stride[d];
-    a.dv_stride[d] = p.dv_stride[d];
-  }
-  a.mask_kind = p.mask == nullptr ? 0 : static_cast<int>(p.mask_kind);
-  a.mask_dtype = p.mask_dtype;
-  a.mask = p.mask;
-  for (int d = 0; d < 4; ++d) a.mask_stride[d] = p.mask_stride[d];
-  a.scale = static_cast<float>(p.scale);
-  a.scale_log2 = static_cast<float>(p.scale) * kLog2eF;
-  a.scale_d = p.scale;
-  a.causal = p.is_causal;
-  // The same host-side threshold and scale functions as the CPU kernel and the forward.
-  a.dropout = p.dropout_p > 0.0;
-  a.drop_threshold = dropout_threshold(p.dropout_p);
-  a.drop_scale_d = dropout_scale(p.dropout_p);
-  a.drop_scale = static_cast<float>(a.drop_scale_d);
-  a.rng = p.rng;
-  a.num_m_blocks = 1;
-  a.num_n_blocks = 1;
-  return a;
-}
-
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-}
-
-template <typename T, typename Acc>
-cudaError_t launch_preprocess(const BwdArgs& a, cudaStream_t stream) {
-  const int64_t rows = a.N * a.H * a.L;
-  const int64_t blocks = (rows + 7) / 8;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const auto kernel = attention_bwd_preprocess_kernel<T, Acc>;
-  TX_LAUNCH(kernel, static_cast<unsigned>(blocks), 256, 0, stream)(a);
-  return cudaGetLastError();
-}
-
-template <typename T, int D, bool kFeatures>
+template <typename T, typename Tr, bool kFeatures>
 cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) {
-  constexpr size_t kSmem = dkdv_smem_bytes<D>();
-  auto dkdv = attention_bwd_dkdv_kernel<T, D, kFeatures>;
-  cudaError_t err = allow_smem(dkdv, kSmem);
+  using Dq = DqTraits<Tr::kHeadDim>;
+  auto dkdv = attention_bwd_dkdv_kernel<T, Tr, kFeatures>;
+  cudaError_t err = allow_smem(dkdv, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  a.num_m_blocks = static_cast<int>((a.L + BwdTraits<D>::kBlockM - 1) / BwdTraits<D>::kBlockM);
-  a.num_n_blocks = static_cast<int>((a.S + BwdTraits<D>::kBlockN - 1) / BwdTraits<D>::kBlockN);
-  const int64_t blocks = static_cast<int64_t>(a.num_n_blocks) * a.Hkv * a.N;
-  TX_LAUNCH(dkdv, static_cast<unsigned>(blocks), BwdTraits<D>::kBlockN / 16 * 32, kSmem, stream)(a);
-  err = cudaGetLastError();
+  a.num_m_blocks = static_cast<int>((a.L + Tr::kBlockM - 1) / Tr::kBlockM);
+  a.num_n_blocks = static_cast<int>((a.S + Tr::kBlockN - 1) / Tr::kBlockN);
+  err = launch_1d(dkdv, static_cast<int64_t>(a.num_n_blocks) * a.Hkv * a.N, Tr::kNThreads, Tr::kSmemBytes, stream, a);
   if (err != cudaSuccess) return err;
-
   if (!deterministic) {
-    const int64_t total = a.N * a.H * a.L * a.E;
-    int64_t cblocks = (total + 255) / 256;
-    const int64_t cap = int64_t{1} << 20;  // the kernel is grid-stride beyond this
-    cblocks = cblocks < cap ? cblocks : cap;
-    if (cblocks == 0) return cudaSuccess;
-    TX_LAUNCH(attention_bwd_dq_convert_kernel<T>, static_cast<unsigned>(cblocks), 256, 0, stream)(a);
-    return cudaGetLastError();
+    const int64_t blocks = imin((a.N * a.H * a.L * a.E + kRowThreads - 1) / kRowThreads, kMaxConvertBlocks);
+    return launch_1d(attention_bwd_dq_convert_kernel<T>, blocks, kRowThreads, 0, stream, a);
   }
-  constexpr size_t kDqSmem = dq_smem_bytes<D>();
-  auto dqk = attention_bwd_dq_kernel<T, D, kFeatures>;
-  err = allow_smem(dqk, kDqSmem);
+  auto dq = attention_bwd_dq_kernel<T, Dq, kFeatures>;
+  err = allow_smem(dq, Dq::kSmemBytes);
   if (err != cudaSuccess) return err;
-  a.num_m_blocks = static_cast<int>((a.L + kDqBlockM - 1) / kDqBlockM);
-  const int64_t qblocks = static_cast<int64_t>(a.num_m_blocks) * a.H * a.N;
-  TX_LAUNCH(dqk, static_cast<unsigned>(qblocks), kDqBlockM / 16 * 32, kDqSmem, stream)(a);
-  return cudaGetLastError();
-}
-
-template <typename T, bool kFeatures>
-cudaError_t dispatch_fast_dim(const BwdArgs& a, int D, bool deterministic, cudaStream_t stream) {
-#ifdef TXK_BWD_DEV_DIM  // development only: compile a single head dim to iterate faster
-  if (D == TXK_BWD_DEV_DIM) return launch_fast_dim<T, TXK_BWD_DEV_DIM, kFeatures>(a, deterministic, stream);
-  return cudaErrorNotSupported;
-#else
-  switch (D) {
-    case 32: return launch_fast_dim<T, 32, kFeatures>(a, deterministic, stream);
-    case 64: return launch_fast_dim<T, 64, kFeatures>(a, deterministic, stream);
-    case 96: return launch_fast_dim<T, 96, kFeatures>(a, deterministic, stream);
-    case 128: return launch_fast_dim<T, 128, kFeatures>(a, deterministic, stream);
-    default: return cudaErrorNotSupported;
-  }
-#endif
+  a.num_m_blocks = static_cast<int>((a.L + Dq::kBlockM - 1) / Dq::kBlockM);
+  return launch_1d(dq, static_cast<int64_t>(a.num_m_blocks) * a.H * a.N, Dq::kNThreads, Dq::kSmemBytes, stream, a);
 }
 
 template <typename T>
-cudaError_t run_fast(BwdArgs a, int D, bool deterministic, cudaStream_t stream) {
-  cudaError_t err = launch_preprocess<T, float>(a, stream);
+cudaError_t run_fast(const BwdArgs& a, int D, bool deterministic, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kRowThreads / 32;  // one warp per row
+  const cudaError_t err = launch_1d(attention_bwd_preprocess_kernel<T, float>,
+                                    (a.N * a.H * a.L + kRowsPerBlock - 1) / kRowsPerBlock, kRowThreads, 0, stream, a);
   if (err != cudaSuccess) return err;
-  const bool features = a.mask_kind != 0 || a.dropout || a.dmask != nullptr;
-  return features ? dispatch_fast_dim<T, true>(a, D, deterministic, stream)
-                  : dispatch_fast_dim<T, false>(a, D, deterministic, stream);
-}
-
-// Warps per block of a general kernel whose warps need `per_warp` bytes of shared memory.
-template <typename K>
-cudaError_t general_launch_shape(K kernel, int64_t per_warp, int64_t smem_max, int& warps, size_t& smem) {
-  warps = 4;
-  while (warps > 1 && warps * per_warp > smem_max) warps /= 2;
-  if (warps * per_warp > smem_max) return cudaErrorNotSupported;  // head dims of tens of thousands
-  smem = static_cast<size_t>(warps * per_warp);
-  return allow_smem(kernel, smem);
+  return dispatch_head_dim<kMaxFastDim>(D, [&](auto d) {
+    return dispatch_bool(a.mask_kind != 0 || a.dropout || a.dmask != nullptr, [&](auto features) {
+      return launch_fast_dim<T, BwdTraits<decltype(d)::value>, decltype(features)::value>(a, deterministic, stream);
+    });
+  });
 }
 
 template <typename T, typename Acc>
 cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  int warps;
-  size_t smem;
-  {
-    auto kernel = attention_bwd_general_dsum_kernel<T, Acc>;
-    err = general_launch_shape(kernel, (a.E + a.Ev) * static_cast<int64_t>(sizeof(Acc)), smem_max, warps, smem);
-    if (err != cudaSuccess) return err;
-    const int64_t rows = a.N * a.H * a.L;
-    const int64_t blocks = (rows + warps - 1) / warps;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    if (blocks > 0) {
-      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-  }
-  {
-    auto kernel = attention_bwd_general_dkdv_kernel<T, Acc>;
-    err = general_launch_shape(kernel, (2 * a.E + 2 * a.Ev + 64) * static_cast<int64_t>(sizeof(Acc)), smem_max,
-                               warps, smem);
-    if (err != cudaSuccess) return err;
-    const int64_t rows = a.N * a.Hkv * a.S;
-    const int64_t blocks = (rows + warps - 1) / warps;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    if (blocks > 0) {
-      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-  }
-  {
-    auto kernel = attention_bwd_general_dq_kernel<T, Acc>;
-    err = general_launch_shape(kernel, (2 * a.E + a.Ev + 32) * static_cast<int64_t>(sizeof(Acc)), smem_max,
-                               warps, smem);
-    if (err != cudaSuccess) return err;
-    const int64_t rows = a.N * a.H * a.L;
-    const int64_t blocks = (rows + warps - 1) / warps;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    if (blocks > 0) {
-      TX_LAUNCH(kernel, static_cast<unsigned>(blocks), warps * 32, smem, stream)(a);
-      err = cudaGetLastError();
-    }
-  }
-  return err;
-}
-
-// Sizes and mask description only: the workspace query may run before the outputs exist.
-cudaError_t validate_shape(const AttentionBwdParams& p) {
-  if (p.batch < 0 || p.heads < 0 || p.kv_heads < 0 || p.q_len < 0 || p.kv_len < 0 || p.head_dim < 0 ||
-      p.v_head_dim < 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.kv_heads == 0 || p.heads % p.kv_heads != 0) return cudaErrorInvalidValue;
-  if (p.mask_kind != MaskKind::kNone) {
-    if (p.mask == nullptr) return cudaErrorInvalidValue;
-    if (p.mask_kind == MaskKind::kBool && p.mask_dtype != DType::kBool) return cudaErrorInvalidValue;
-    if (p.mask_kind == MaskKind::kAdditive && p.mask_dtype == DType::kBool) return cudaErrorInvalidValue;
-  }
-  return cudaSuccess;
+  const int64_t q_rows = a.N * a.H * a.L, k_rows = a.N * a.Hkv * a.S;
+  cudaError_t err = launch_general(attention_bwd_general_dsum_kernel<T, Acc>, q_rows,
+                                   general_dsum_smem_per_warp<Acc>(a.E, a.Ev), smem_max, stream, a);
+  if (err != cudaSuccess) return err;
+  err = launch_general(attention_bwd_general_dkdv_kernel<T, Acc>, k_rows, general_dkdv_smem_per_warp<Acc>(a.E, a.Ev),
+                       smem_max, stream, a);
+  if (err != cudaSuccess) return err;
+  return launch_general(attention_bwd_general_dq_kernel<T, Acc>, q_rows, general_dq_smem_per_warp<Acc>(a.E, a.Ev),
+                        smem_max, stream, a);
 }
 
 cudaError_t validate(const AttentionBwdParams& p) {
   const cudaError_t err = validate_shape(p);
   if (err != cudaSuccess) return err;
-  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr ||
-      p.grad_out == nullptr || p.dq == nullptr || p.dk == nullptr || p.dv == nullptr) {
+  if (p.out == nullptr || p.lse == nullptr || p.grad_out == nullptr || p.dq == nullptr || p.dk == nullptr ||
+      p.dv == nullptr) {
     return cudaErrorInvalidValue;
   }
   return cudaSuccess;
@@ -1301,22 +809,17 @@ cudaError_t attention_bwd_cuda(const AttentionBwdParams& params, const DeviceInf
   }
   BwdArgs a = make_args(params, workspace);
   const int D = fast_plan(params, device);
-  if (D != 0) {
-    if (!params.deterministic) {
-      a.dq_accum = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + dsum_bytes(params));
-    }
-    if (params.dtype == DType::kFloat16) return run_fast<__half>(a, D, params.deterministic, stream);
-    return run_fast<__nv_bfloat16>(a, D, params.deterministic, stream);
+  if (D != 0 && !params.deterministic) {
+    a.dq_accum = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + dsum_bytes(params));
   }
   // The general path also covers L == 0 or S == 0: it writes the zero gradients of the other side.
-  const int64_t smem_max = smem_limit(device);
-  switch (params.dtype) {
-    case DType::kFloat32: return run_general<float, float>(a, smem_max, stream);
-    case DType::kFloat16: return run_general<__half, float>(a, smem_max, stream);
-    case DType::kBFloat16: return run_general<__nv_bfloat16, float>(a, smem_max, stream);
-    case DType::kFloat64: return run_general<double, double>(a, smem_max, stream);
-    default: return cudaErrorNotSupported;
-  }
+  return cuda::dispatch_dtype(params.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (kIs16Bit<T>) {
+      if (D != 0) return run_fast<T>(a, D, params.deterministic, stream);
+    }
+    return run_general<T, AccType<T>>(a, smem_limit(device), stream);
+  });
 }
 
 }  // namespace tx_kernels

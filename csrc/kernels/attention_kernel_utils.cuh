@@ -1,11 +1,11 @@
 // attention_kernel_utils.cuh: thin, torch-free wrappers around the sm_80+ instructions the
-// attention kernels are built from (cp.async, ldmatrix, mma.sync m16n8k16), plus conversions and
-// warp reductions. Each wrapper documents the register layout it produces, because the kernels'
-// indexing is derived from exactly these layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16").
+// attention kernels are built from (cp.async, ldmatrix, mma.sync m16n8k16), plus the quad
+// reductions over a fragment row and the exponentials; attention_common.cuh builds on them. Each
+// wrapper documents the register layout it produces, because the kernels' indexing is derived
+// from exactly these layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16").
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,48 +15,6 @@
 
 namespace tx_kernels {
 namespace attn {
-
-// ---------------------------------------------------------------------------------------------
-// Element types
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct TypeTraits;
-
-template <>
-struct TypeTraits<__half> {
-  // Packs two fp32 values into one 32-bit register, `lo` in the low 16 bits: the element with the
-  // smaller column index of a fragment pair lives in the low half (PTX fragment layout).
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-};
-
-template <>
-struct TypeTraits<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
-
-// Generic scalar conversion used by the general (fp32-math) kernel for every input dtype.
-template <typename To, typename From>
-__device__ __forceinline__ To convert(From x) {
-  return static_cast<To>(x);
-}
-template <>
-__device__ __forceinline__ float convert<float, __half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float convert<float, __nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ __half convert<__half, float>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float x) { return __float2bfloat16_rn(x); }
 
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80+): 16-byte global -> shared copies that bypass registers.
@@ -178,45 +136,14 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x;
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_max(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
-  }
-  return x;
-}
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
+// exp2 / log in the accumulation type (fp64 for the fp64 general kernels), and the natural
+// exponential of the general backward.
 __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 __device__ __forceinline__ float fast_log(float x) { return logf(x); }
 __device__ __forceinline__ double fast_log(double x) { return log(x); }
-
-// A score plus an additive mask value (times `factor`: log2(e) where scores live in the log2
-// domain). A mask value of -inf (a False entry, or -inf in a floating mask) replaces the score, so
-// a NaN or Inf score at a masked key cannot reach its row (params.h).
-template <typename Acc>
-__device__ __forceinline__ Acc add_mask(Acc score, Acc bias, Acc factor) {
-  return bias == -static_cast<Acc>(__builtin_huge_valf()) ? bias : score + bias * factor;
-}
-
-// lse and dmask hold Acc values (params.h: fp64 for fp64 inputs). The argument structs keep the
-// float pointers the fp32-accumulating kernels use; the general kernels read them through this.
-template <typename Acc, typename P>
-__device__ __forceinline__ auto as_acc(P* ptr) {
-  if constexpr (std::is_const_v<P>) {
-    return reinterpret_cast<const Acc*>(ptr);
-  } else {
-    return reinterpret_cast<Acc*>(ptr);
-  }
-}
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 }  // namespace attn
 }  // namespace tx_kernels

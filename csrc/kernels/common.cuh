@@ -1,4 +1,4 @@
-// common.cuh: small device helpers shared by the memory-bound CUDA kernels (torch-free).
+// common.cuh: small device helpers shared by every CUDA kernel (torch-free).
 //
 // Defines, in namespace tx_kernels::cuda:
 //   ceil_div, round_up                      integer helpers usable on host and device
@@ -6,16 +6,18 @@
 //   Vec<T, N>                               N elements of T aligned to N * sizeof(T) bytes
 //   load_vec / store_vec                    one N * sizeof(T)-byte access (16 bytes for the
 //                                           vector paths), with float conversion of every lane
-//   to_float / from_float<T>                conversions for float, double, __half, __nv_bfloat16
+//   convert<To>(x), to_float, from_float<T> conversions between float, double, __half, __nv_bfloat16
+//   pack2<T>(lo, hi)                        two fp32 values as one register of 16-bit pairs
 //   round_to<T>(x)                          x rounded to T and back (as a T tensor holds it)
 //   kVecElems<T>                            elements per 16-byte access
-//   warp_reduce_sum, group_reduce_sum(2)    butterfly / fixed-order reductions over a warp or a
-//                                           row group of warps: every thread gets the bit-identical
+//   warp_reduce_sum / warp_reduce_max,      butterfly / fixed-order reductions over a warp or a
+//   group_reduce_sum(2)                     row group of warps: every thread gets the bit-identical
 //                                           total, so results are deterministic and uniform
 // Everything is header-only and inline; only cuda_runtime / cuda_fp16 / cuda_bf16 are included.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -44,25 +46,50 @@ __host__ __device__ __forceinline__ bool is_aligned(const void* p, uintptr_t byt
 }
 
 // ---------------------------------------------------------------------------------------------
-// Conversions: all arithmetic happens in fp32 (fp64 inputs are narrowed; the CUDA bindings reject
-// fp64 data, these exist so a double instantiation would still compile).
+// Conversions: convert<To>(x) between float, double, __half and __nv_bfloat16. The 16-bit types
+// go through fp32, their arithmetic type; everything else is a cast, so fp64 stays fp64.
+// to_float / from_float<T> are its fp32 spellings (the memory-bound kernels compute in fp32), and
+// pack2<T> puts two converted values in the 32-bit register of an MMA fragment pair.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(double x) { return static_cast<float>(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From x) {
+  if constexpr (std::is_same_v<To, From>) {
+    return x;
+  } else if constexpr (std::is_same_v<From, __half>) {
+    return static_cast<To>(__half2float(x));
+  } else if constexpr (std::is_same_v<From, __nv_bfloat16>) {
+    return static_cast<To>(__bfloat162float(x));
+  } else if constexpr (std::is_same_v<To, __half>) {
+    return __float2half_rn(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<To, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return static_cast<To>(x);
+  }
+}
+
+template <typename From>
+__device__ __forceinline__ float to_float(From x) {
+  return convert<float>(x);
+}
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_float<double>(float x) { return static_cast<double>(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+__device__ __forceinline__ T from_float(float x) {
+  return convert<T>(x);
+}
+
+// Two fp32 values as one 32-bit register of T pairs (T = __half or __nv_bfloat16), `lo` in the
+// low 16 bits: the element with the smaller column index of a fragment pair lives there (PTX).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "16-bit pairs only");
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
 }
 
 // x as a T tensor would hold it (identity for float).
@@ -133,12 +160,24 @@ __device__ __forceinline__ void store_f32(float* p, const float (&in)[N]) {
 // ---------------------------------------------------------------------------------------------
 // Reductions
 // ---------------------------------------------------------------------------------------------
-// Butterfly (xor) sum over the 32 lanes of a full warp. Each step adds a pair of values that the
-// partner lane adds in the opposite order; IEEE addition is commutative, so all lanes end with
-// the same bits and the result does not depend on scheduling.
-__device__ __forceinline__ float warp_reduce_sum(float v) {
+// Butterfly (xor) sum and maximum over the 32 lanes of a full warp. Each step combines a pair of
+// values that the partner lane combines in the opposite order; IEEE addition is commutative, so
+// all lanes end with the same bits and the result does not depend on scheduling. A is float or
+// double.
+template <typename A>
+__device__ __forceinline__ A warp_reduce_sum(A v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_reduce_max(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A other = __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    v = other > v ? other : v;
+  }
   return v;
 }
 
