@@ -289,14 +289,3 @@ def test_jagged_nested_tensors_in_sdpa(causal):
         assert rel_err(g, w) < 1e-5
     with pytest.raises(ValueError, match="`attn_mask` cannot be combined with nested"):
         TF.scaled_dot_product_attention(nest(q), nest(k), nest(v), attn_mask=torch.ones(1, dtype=torch.bool))
-
-
-def test_cuda_backend_raises_not_implemented():
-    # The CUDA backend's binding code (device_ops.h), run through the CUDA emulator's operator
-    # namespace: no CUDA varlen kernel exists yet, and it must say so rather than run anything.
-    args = _args()
-    with pytest.raises(NotImplementedError, match="attention_varlen_fwd has no CUDA kernel yet"):
-        torch.ops.tx_kernels_emu.attention_varlen_fwd(*args)
-    out, lse = ops.attention_varlen_fwd(*args)
-    with pytest.raises(NotImplementedError, match="attention_varlen_bwd has no CUDA kernel yet"):
-        torch.ops.tx_kernels_emu.attention_varlen_bwd(out, *args[:3], out, lse, *args[3:])

@@ -49,7 +49,7 @@ def attention_varlen(
     - dropout draws the mask the padded op draws for the same batch padded to
       (max_seqlen_q, max_seqlen_k), element ((b * H + h) * max_seqlen_q + i) * max_seqlen_k + j.
     Not supported (unlike FlashAttention): window_size, softcap, alibi_slopes,
-    return_attn_probs, block_table; CUDA tensors (no CUDA kernel yet: NotImplementedError).
+    return_attn_probs, block_table. On CUDA tensors, cu_seqlens_q / cu_seqlens_k stay CPU tensors.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k)):

@@ -144,25 +144,54 @@ struct DeviceOps {
     return {call.grad_input, finish_bias_grad(call)};
   }
 
-  // Variable-length attention has no CUDA kernel yet: NotImplementedError naming the op, not the
-  // dispatcher's generic "could not run with arguments from the backend" message.
-  static void varlen_not_implemented(const char* op) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "tx_kernels: ", op,
-                                " has no CUDA kernel yet; run variable-length attention on CPU "
-                                "tensors, or the padded attention_fwd with a key-padding mask on CUDA");
+  // Variable-length attention on a packed batch: the same kernels as attention_fwd / _bwd, which
+  // locate each sequence through the offsets. prepare.cpp checks the offsets on the CPU (a bad
+  // one would index outside the tensors); the kernels read copies on the device, which live
+  // until the launch's work is done (the caching allocator reuses them only for later work on
+  // the same stream).
+  static void set_device_offsets(AttentionParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                 at::Tensor& dev_q, at::Tensor& dev_k, const at::Tensor& like) {
+    dev_q = cu_q.to(like.device());
+    dev_k = cu_k.to(like.device());
+    p.cu_seqlens_q = dev_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = dev_k.data_ptr<int32_t>();
   }
+
   static std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      int64_t, int64_t, double, bool, double, const std::optional<at::Tensor>&) {
-    varlen_not_implemented("attention_varlen_fwd");
-    return {};
+      const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+      int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+      const std::optional<at::Tensor>& rng) {
+    Device::check_on_device(query, "query");
+    const typename Device::Guard guard(query);
+    auto call = prepare_attention_varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, scale, is_causal, dropout_p, rng);
+    if (!call.empty) {
+      at::Tensor dev_q, dev_k;
+      set_device_offsets(call.params, call.cu_q, call.cu_k, dev_q, dev_k, query);
+      launch(call.params, query);
+    }
+    return {call.out, call.lse};
   }
+
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool, double,
-      const std::optional<at::Tensor>&) {
-    varlen_not_implemented("attention_varlen_bwd");
-    return {};
+      const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+      const at::Tensor& value, const at::Tensor& out, const at::Tensor& logsumexp,
+      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+      int64_t max_seqlen_k, double scale, bool is_causal, double dropout_p,
+      const std::optional<at::Tensor>& rng) {
+    Device::check_on_device(query, "query");
+    const typename Device::Guard guard(query);
+    auto call = prepare_attention_varlen_bwd(grad_out, query, key, value, out, logsumexp, cu_seqlens_q,
+                                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+                                             dropout_p, rng);
+    if (!call.empty) {
+      at::Tensor dev_q, dev_k;
+      set_device_offsets(call.params, call.cu_q, call.cu_k, dev_q, dev_k, query);
+      call.params.deterministic = at::globalContext().deterministicAlgorithms();
+      launch(call.params, query);
+    }
+    return {call.dq, call.dk, call.dv};
   }
 
   static void register_impls(torch::Library& m) {

@@ -65,18 +65,28 @@ class Scope {
 // bias-act bias are fp64 for fp64 data, fp32 otherwise.
 DType stats_type(DType data) { return data == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
 
+// A packed batch (params.h: cu_seqlens set, batch strides 0) is one (1, heads, total rows) view
+// whose totals are the last offsets (host memory here); a padded one is (batch, heads, length).
+int64_t views(const AttentionParams& p) { return p.cu_seqlens_q ? 1 : p.batch; }
+int64_t q_rows(const AttentionParams& p) { return p.cu_seqlens_q ? p.cu_seqlens_q[p.batch] : p.q_len; }
+int64_t k_rows(const AttentionParams& p) { return p.cu_seqlens_k ? p.cu_seqlens_k[p.batch] : p.kv_len; }
 size_t out_bytes(const AttentionParams& p) {
-  return extent(p.dtype, {p.batch, p.heads, p.q_len}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim);
+  return extent(p.dtype, {views(p), p.heads, q_rows(p)}, {p.out_stride[0], p.out_stride[1], p.out_stride[2]}, p.v_head_dim);
 }
 size_t lse_bytes(const AttentionParams& p) {
+  if (p.cu_seqlens_q != nullptr) return extent(stats_type(p.dtype), {p.heads}, {q_rows(p)}, q_rows(p));  // (H, total_q)
   return extent(stats_type(p.dtype), {p.batch, p.heads}, {p.heads * p.q_len, p.q_len}, p.q_len);
 }
 
 void add_attention_inputs(Scope& s, const AttentionParams& p) {
   const DType t = p.dtype;
-  s.add(p.q, extent(t, {p.batch, p.heads, p.q_len}, {p.q_stride[0], p.q_stride[1], p.q_stride[2]}, p.head_dim), "query");
-  s.add(p.k, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.k_stride[0], p.k_stride[1], p.k_stride[2]}, p.head_dim), "key");
-  s.add(p.v, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.v_stride[0], p.v_stride[1], p.v_stride[2]}, p.v_head_dim), "value");
+  s.add(p.q, extent(t, {views(p), p.heads, q_rows(p)}, {p.q_stride[0], p.q_stride[1], p.q_stride[2]}, p.head_dim), "query");
+  s.add(p.k, extent(t, {views(p), p.kv_heads, k_rows(p)}, {p.k_stride[0], p.k_stride[1], p.k_stride[2]}, p.head_dim), "key");
+  s.add(p.v, extent(t, {views(p), p.kv_heads, k_rows(p)}, {p.v_stride[0], p.v_stride[1], p.v_stride[2]}, p.v_head_dim), "value");
+  if (p.cu_seqlens_q != nullptr) {
+    s.add(p.cu_seqlens_q, (p.batch + 1) * sizeof(int32_t), "cu_seqlens_q");
+    s.add(p.cu_seqlens_k, (p.batch + 1) * sizeof(int32_t), "cu_seqlens_k");
+  }
   if (p.mask_kind != MaskKind::kNone) {
     const int64_t* m = p.mask_stride;
     s.add(p.mask, extent(p.mask_dtype, {p.batch, p.heads, p.q_len, p.kv_len}, {m[0], m[1], m[2], m[3]}, 1), "attn_mask");
@@ -109,10 +119,10 @@ int attention_bwd(const AttentionBwdParams& p, void* workspace, size_t workspace
   s.add(p.lse, lse_bytes(p), "logsumexp");
   const DType t = p.dtype;
   const int64_t* g = p.grad_out_stride;
-  s.add(p.grad_out, extent(t, {p.batch, p.heads, p.q_len}, {g[0], g[1], g[2]}, p.v_head_dim), "grad_out");
-  s.output(p.dq, extent(t, {p.batch, p.heads, p.q_len}, {p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]}, p.head_dim), "grad_query");
-  s.output(p.dk, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
-  s.output(p.dv, extent(t, {p.batch, p.kv_heads, p.kv_len}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
+  s.add(p.grad_out, extent(t, {views(p), p.heads, q_rows(p)}, {g[0], g[1], g[2]}, p.v_head_dim), "grad_out");
+  s.output(p.dq, extent(t, {views(p), p.heads, q_rows(p)}, {p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]}, p.head_dim), "grad_query");
+  s.output(p.dk, extent(t, {views(p), p.kv_heads, k_rows(p)}, {p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]}, p.head_dim), "grad_key");
+  s.output(p.dv, extent(t, {views(p), p.kv_heads, k_rows(p)}, {p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]}, p.v_head_dim), "grad_value");
   // dmask arrives zero-filled from the binding (entries of skipped tiles are never written).
   s.add(p.dmask, extent(stats_type(t), {p.batch * p.heads * p.q_len}, {p.kv_len}, p.kv_len), "grad_attn_mask");
   s.output(workspace, workspace_bytes, "workspace");

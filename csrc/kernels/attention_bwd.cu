@@ -96,14 +96,16 @@ __global__ void __launch_bounds__(kRowThreads) attention_bwd_preprocess_kernel(c
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;  // (n H + h) L + i
   if (row >= a.N * a.H * a.L) return;
   const int64_t i = row % a.L, h = (row / a.L) % a.H, n = row / a.L / a.H;
-  const T* o = head_ptr<T>(a.out, a.out_stride, n, h) + i * a.out_stride[2];
-  const T* d = head_ptr<T>(a.dout, a.do_stride, n, h) + i * a.do_stride[2];
+  const SeqRows seq = seq_rows(a, n);
+  if (i >= seq.L) return;
+  const T* o = head_ptr<T>(a.out, a.out_stride, n, h, seq.q0 + i);
+  const T* d = head_ptr<T>(a.dout, a.do_stride, n, h, seq.q0 + i);
   Acc acc = Acc(0);
   for (int64_t c = lane; c < a.Ev; c += 32) acc += convert<Acc>(o[c]) * convert<Acc>(d[c]);
   acc = warp_reduce_sum(acc);
-  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
+  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[seq_row(seq, h, i)] = acc;
   if (a.dq_accum != nullptr) {
-    float* dqa = a.dq_accum + row * a.E;
+    float* dqa = a.dq_accum + seq_row(seq, h, i) * a.E;
     for (int64_t c = lane; c < a.E; c += 32) dqa[c] = 0.f;
   }
 }
@@ -159,30 +161,30 @@ __device__ __forceinline__ int dkdv_query(int lane, int nt, int e) { return nt *
 // P^T = exp2(S^T - lse) of the warp's 16 keys and the step's kBlockM queries; lse_s is +inf for
 // rows >= L and fully masked rows, so p = 0 there.
 template <typename Tr, bool kFeatures>
-__device__ __forceinline__ void dkdv_probs(const BwdArgs& a, float (&s)[Tr::kMT][4], int64_t n, int64_t h,
+__device__ __forceinline__ void dkdv_probs(const BwdArgs& a, float (&s)[Tr::kMT][4], int64_t S, int64_t n, int64_t h,
                                            int64_t j_w, int64_t m0, const float* lse_s, int lane) {
-  const bool need_bounds = (j_w + 15 >= a.S) || (a.causal && j_w + 15 > m0);
+  const bool need_bounds = (j_w + 15 >= S) || (a.causal && j_w + 15 > m0);
 #pragma unroll
   for (int nt = 0; nt < Tr::kMT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int il = dkdv_query(lane, nt, e);
-      const float sc = bwd_score<kFeatures>(a, s[nt][e], need_bounds, n, h, m0 + il, dkdv_key(j_w, lane, e));
+      const float sc = bwd_score<kFeatures>(a, s[nt][e], need_bounds, S, n, h, m0 + il, dkdv_key(j_w, lane, e));
       s[nt][e] = fast_exp2(sc - lse_s[il]);
     }
   }
 }
 
 template <typename Tr>
-__device__ __forceinline__ uint32_t dkdv_keep_bits(const BwdArgs& a, int64_t n, int64_t h, int64_t j_w, int64_t m0,
-                                                   int lane) {
+__device__ __forceinline__ uint32_t dkdv_keep_bits(const BwdArgs& a, const SeqRows& seq, int64_t n, int64_t h,
+                                                   int64_t j_w, int64_t m0, int lane) {
   uint32_t bits = 0u;
 #pragma unroll
   for (int nt = 0; nt < Tr::kMT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t j = dkdv_key(j_w, lane, e), i = m0 + dkdv_query(lane, nt, e);
-      if (i < a.L && j < a.S && keep(a, element_index(a, n, h, i, j))) bits |= 1u << (nt * 4 + e);
+      if (i < seq.L && j < seq.S && keep(a, element_index(a, n, h, i, j))) bits |= 1u << (nt * 4 + e);
     }
   }
   return bits;
@@ -212,7 +214,7 @@ __device__ __forceinline__ void dkdv_grad_scores(const BwdArgs& a, float (&dp)[T
 // rt * 16.. x features cg * kDC.. of the product. Every warp of the block calls this.
 template <typename T, typename Tr>
 __device__ __forceinline__ void dkdv_atomic_dq(const BwdArgs& a, const float (&ds)[Tr::kMT][4], T* sdS, const T* sK,
-                                               int64_t n, int64_t h, int64_t m0, int warp, int lane) {
+                                               const SeqRows& seq, int64_t h, int64_t m0, int warp, int lane) {
   store_frags<T>(sdS + warp * 16 * Tr::kSdsStride, Tr::kSdsStride, ds, 1.f, 1.f, lane);
   __syncthreads();
   const int rt = warp % Tr::kRT, cg = warp / Tr::kRT;
@@ -224,8 +226,8 @@ __device__ __forceinline__ void dkdv_atomic_dq(const BwdArgs& a, const float (&d
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = m0 + rt * 16 + (lane >> 2) + 8 * r;
-    if (i >= a.L) continue;
-    float* dst = a.dq_accum + row_index(a, n, h, i) * a.E;
+    if (i >= seq.L) continue;
+    float* dst = a.dq_accum + seq_row(seq, h, i) * a.E;
 #pragma unroll
     for (int dt = 0; dt < Tr::kDC / 8; ++dt) {
       const int col = cg * Tr::kDC + dt * 8 + (lane & 3) * 2;
@@ -248,8 +250,8 @@ struct DkdvStage {
 // One (head, query tile) step of the dK / dV kernel for one warp.
 template <typename T, typename Tr, bool kFeatures>
 __device__ __forceinline__ void dkdv_step(const BwdArgs& a, float (&acc_dk)[Tr::kDT][4], float (&acc_dv)[Tr::kDT][4],
-                                          const DkdvStage<T>& st, const T* sK, T* sdS, int64_t n, int64_t h,
-                                          int64_t m0, int64_t j_w, int warp, int lane) {
+                                          const DkdvStage<T>& st, const T* sK, T* sdS, const SeqRows& seq, int64_t n,
+                                          int64_t h, int64_t m0, int64_t j_w, int warp, int lane) {
   constexpr int kStride = Tr::kStride;
   const T* sKw = sK + warp * 16 * kStride;
   const T* sVw = sKw + Tr::kBlockN * kStride;  // V follows K
@@ -258,11 +260,11 @@ __device__ __forceinline__ void dkdv_step(const BwdArgs& a, float (&acc_dk)[Tr::
   warp_mma<T, Tr::kKT>(  // S^T = K Q^T
       s, [&](uint32_t (&f)[4], int kk) { frag_a(f, sKw, kStride, kk, lane); },
       [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, st.sQ, kStride, nt, kk, lane); });
-  dkdv_probs<Tr, kFeatures>(a, s, n, h, j_w, m0, st.lse, lane);
+  dkdv_probs<Tr, kFeatures>(a, s, seq.S, n, h, j_w, m0, st.lse, lane);
   KeepBits z{0u, a.drop_scale, false};
   if constexpr (kFeatures) {
     z.on = a.dropout;
-    if (a.dropout) z.bits = dkdv_keep_bits<Tr>(a, n, h, j_w, m0, lane);
+    if (a.dropout) z.bits = dkdv_keep_bits<Tr>(a, seq, n, h, j_w, m0, lane);
   }
   warp_mma<T, Tr::kMK>(  // dV += (P Z)^T dO
       acc_dv, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, s, kp, z); },
@@ -275,7 +277,7 @@ __device__ __forceinline__ void dkdv_step(const BwdArgs& a, float (&acc_dk)[Tr::
   warp_mma<T, Tr::kMK>(  // dK += dS^T Q (scale applied in the epilogue)
       acc_dk, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, dp, kp); },
       [&](uint32_t (&f)[4], int dt, int kp) { frag_b_t(f, st.sQ, kStride, dt, kp, lane); });
-  if (a.dq_accum != nullptr) dkdv_atomic_dq<T, Tr>(a, dp, sdS, sK, n, h, m0, warp, lane);  // uniform over the block
+  if (a.dq_accum != nullptr) dkdv_atomic_dq<T, Tr>(a, dp, sdS, sK, seq, h, m0, warp, lane);  // uniform over the block
 }
 
 template <typename T, typename Tr, bool kFeatures>
@@ -295,10 +297,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dkdv_kernel(co
   // query tiles, and it is scheduled first.
   const int64_t n0 = static_cast<int64_t>(blockIdx.x % a.num_n_blocks) * kBlockN;
   const int64_t hk = (blockIdx.x / a.num_n_blocks) % a.Hkv, n = blockIdx.x / a.num_n_blocks / a.Hkv;
+  const SeqRows seq = seq_rows(a, n);
+  if (n0 >= seq.S) return;  // past the end of a packed sequence: the whole block
   // Steps: (query head of the group, query tile m_begin..) pairs. Causal (query i sees keys <= i):
   // a tile whose last row m0 + kBlockM - 1 is < n0 sees none of this block's keys.
+  const int num_m = static_cast<int>((seq.L + kBlockM - 1) / kBlockM);
   const int m_begin = a.causal ? static_cast<int>(n0 / kBlockM) : 0;
-  const int per_head = a.num_m_blocks > m_begin ? a.num_m_blocks - m_begin : 0;
+  const int per_head = num_m > m_begin ? num_m - m_begin : 0;
   const int n_steps = static_cast<int>(a.group) * per_head;
   auto step_head = [&](int s) -> int64_t { return hk * a.group + s / per_head; };
   auto step_m0 = [&](int s) -> int64_t { return static_cast<int64_t>(m_begin + s % per_head) * kBlockM; };
@@ -307,21 +312,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dkdv_kernel(co
   auto load_step = [&](int s, int stage) {
     const int64_t h = step_head(s), m0 = step_m0(s);
     load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sQ + stage * kBlockM * kStride,
-                                                         head_ptr<T>(a.q, a.q_stride, n, h), a.q_stride[2], m0,
-                                                         a.L, a.E, tid);
+                                                         head_ptr<T>(a.q, a.q_stride, n, h, seq.q0), a.q_stride[2],
+                                                         m0, seq.L, a.E, tid);
     load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sdO + stage * kBlockM * kStride,
-                                                         head_ptr<T>(a.dout, a.do_stride, n, h), a.do_stride[2],
-                                                         m0, a.L, a.E, tid);
+                                                         head_ptr<T>(a.dout, a.do_stride, n, h, seq.q0),
+                                                         a.do_stride[2], m0, seq.L, a.E, tid);
     for (int r = tid; r < kBlockM; r += Tr::kNThreads) {
       const int64_t i = m0 + r;
-      sLse[stage * kBlockM + r] = lse_log2(a, n, h, i);
-      sDsum[stage * kBlockM + r] = i < a.L ? static_cast<const float*>(a.dsum)[row_index(a, n, h, i)] : 0.f;
+      sLse[stage * kBlockM + r] = lse_log2(a, seq, h, i);
+      sDsum[stage * kBlockM + r] = i < seq.L ? static_cast<const float*>(a.dsum)[seq_row(seq, h, i)] : 0.f;
     }
   };
-  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK, head_ptr<T>(a.k, a.k_stride, n, hk), a.k_stride[2], n0,
-                                                       a.S, a.E, tid);
-  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV, head_ptr<T>(a.v, a.v_stride, n, hk), a.v_stride[2], n0,
-                                                       a.S, a.E, tid);
+  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK, head_ptr<T>(a.k, a.k_stride, n, hk, seq.k0), a.k_stride[2],
+                                                       n0, seq.S, a.E, tid);
+  load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV, head_ptr<T>(a.v, a.v_stride, n, hk, seq.k0), a.v_stride[2],
+                                                       n0, seq.S, a.E, tid);
   if (n_steps > 0) load_step(0, 0);
   cp_async_commit();
 
@@ -339,7 +344,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dkdv_kernel(co
     pipeline_wait(has_next);  // step s (and K, V) landed; step s + 1 may still be in flight
     const DkdvStage<T> st{sQ + stage * kBlockM * kStride, sdO + stage * kBlockM * kStride, sLse + stage * kBlockM,
                           sDsum + stage * kBlockM};
-    dkdv_step<T, Tr, kFeatures>(a, acc_dk, acc_dv, st, sK, sdS, n, step_head(s), step_m0(s), j_w, warp, lane);
+    dkdv_step<T, Tr, kFeatures>(a, acc_dk, acc_dv, st, sK, sdS, seq, n, step_head(s), step_m0(s), j_w, warp, lane);
     __syncthreads();  // this stage and sdS are free before the next prefetch / dS^T store
   }
 
@@ -351,8 +356,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dkdv_kernel(co
   store_frags<T>(sdK, kStride, acc_dk, a.scale, a.scale, lane);
   store_frags<T>(sdV, kStride, acc_dv, 1.f, 1.f, lane);
   __syncwarp();
-  warp_store_rows<16, D>(head_ptr<T>(a.dk, a.dk_stride, n, hk), a.dk_stride[2], j_w, a.S, a.E, sdK, kStride, lane);
-  warp_store_rows<16, D>(head_ptr<T>(a.dv, a.dv_stride, n, hk), a.dv_stride[2], j_w, a.S, a.E, sdV, kStride, lane);
+  warp_store_rows<16, D>(head_ptr<T>(a.dk, a.dk_stride, n, hk, seq.k0), a.dk_stride[2], j_w, seq.S, a.E, sdK, kStride,
+                         lane);
+  warp_store_rows<16, D>(head_ptr<T>(a.dv, a.dv_stride, n, hk, seq.k0), a.dv_stride[2], j_w, seq.S, a.E, sdV, kStride,
+                         lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,7 +374,9 @@ __global__ void __launch_bounds__(kRowThreads) attention_bwd_dq_convert_kernel(c
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     const int64_t c = idx % a.E, row = idx / a.E;
     const int64_t i = row % a.L, h = (row / a.L) % a.H, n = row / a.L / a.H;
-    head_ptr<T>(a.dq, a.dq_stride, n, h)[i * a.dq_stride[2] + c] = convert<T>(a.dq_accum[idx] * a.scale);
+    const SeqRows seq = seq_rows(a, n);
+    if (i >= seq.L) continue;
+    head_ptr<T>(a.dq, a.dq_stride, n, h, seq.q0 + i)[c] = convert<T>(a.dq_accum[seq_row(seq, h, i) * a.E + c] * a.scale);
   }
 }
 
@@ -391,12 +400,12 @@ struct DqTraits {
 };
 
 // Keep decisions of the key pair j, j + 1 of the warp's two rows (false outside the problem).
-__device__ __forceinline__ void dq_keep_pairs(const BwdArgs& a, int64_t n, int64_t h, const int64_t (&row_i)[2],
-                                              int64_t j, bool (&kept)[2][2]) {
+__device__ __forceinline__ void dq_keep_pairs(const BwdArgs& a, const SeqRows& seq, int64_t n, int64_t h,
+                                              const int64_t (&row_i)[2], int64_t j, bool (&kept)[2][2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     kept[r][0] = kept[r][1] = false;
-    if (row_i[r] < a.L && j < a.S) keep_pair(a, element_index(a, n, h, row_i[r], j), kept[r][0], kept[r][1]);
+    if (row_i[r] < seq.L && j < seq.S) keep_pair(a, element_index(a, n, h, row_i[r], j), kept[r][0], kept[r][1]);
   }
 }
 
@@ -404,20 +413,20 @@ __device__ __forceinline__ void dq_keep_pairs(const BwdArgs& a, int64_t n, int64
 // j0 + nt * 8 + cq + (e & 1).
 template <typename Tr, bool kFeatures>
 __device__ __forceinline__ void dq_grad_scores(const BwdArgs& a, const float (&s)[Tr::kNT][4], float (&dp)[Tr::kNT][4],
-                                               int64_t n, int64_t h, const int64_t (&row_i)[2], int64_t j0,
-                                               const float (&lse2)[2], const float (&dsum)[2], int lane) {
+                                               const SeqRows& seq, int64_t n, int64_t h, const int64_t (&row_i)[2],
+                                               int64_t j0, const float (&lse2)[2], const float (&dsum)[2], int lane) {
   const int64_t warp_row0 = row_i[0] - (lane >> 2);
-  const bool need_bounds = (j0 + Tr::kBlockN > a.S) || (a.causal && j0 + Tr::kBlockN - 1 > warp_row0);
+  const bool need_bounds = (j0 + Tr::kBlockN > seq.S) || (a.causal && j0 + Tr::kBlockN - 1 > warp_row0);
   const int cq = (lane & 3) * 2;
 #pragma unroll
   for (int nt = 0; nt < Tr::kNT; ++nt) {
     bool kept[2][2] = {{true, true}, {true, true}};
-    if (kFeatures && a.dropout) dq_keep_pairs(a, n, h, row_i, j0 + nt * 8 + cq, kept);
+    if (kFeatures && a.dropout) dq_keep_pairs(a, seq, n, h, row_i, j0 + nt * 8 + cq, kept);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = e >> 1;
       const int64_t j = j0 + nt * 8 + cq + (e & 1);
-      const float p = fast_exp2(bwd_score<kFeatures>(a, s[nt][e], need_bounds, n, h, row_i[r], j) - lse2[r]);
+      const float p = fast_exp2(bwd_score<kFeatures>(a, s[nt][e], need_bounds, seq.S, n, h, row_i[r], j) - lse2[r]);
       float dpz = dp[nt][e];
       if (kFeatures && a.dropout) dpz = kept[r][e & 1] ? dpz * a.drop_scale : 0.f;
       dp[nt][e] = softmax_grad(p, dpz - dsum[r]);
@@ -428,8 +437,9 @@ __device__ __forceinline__ void dq_grad_scores(const BwdArgs& a, const float (&s
 // One key tile of the dQ kernel for one warp: S = Q K^T, dP = dO V^T, dS, then dQ += dS K.
 template <typename T, typename Tr, bool kFeatures>
 __device__ __forceinline__ void dq_tile(const BwdArgs& a, float (&acc_q)[Tr::kDT][4], const T* sQw, const T* sdOw,
-                                        const T* sKs, const T* sVs, int64_t n, int64_t h, const int64_t (&row_i)[2],
-                                        int64_t j0, const float (&lse2)[2], const float (&dsum)[2], int lane) {
+                                        const T* sKs, const T* sVs, const SeqRows& seq, int64_t n, int64_t h,
+                                        const int64_t (&row_i)[2], int64_t j0, const float (&lse2)[2],
+                                        const float (&dsum)[2], int lane) {
   constexpr int kStride = Tr::kStride;
   float s[Tr::kNT][4], dp[Tr::kNT][4];
   zero(s);
@@ -440,7 +450,7 @@ __device__ __forceinline__ void dq_tile(const BwdArgs& a, float (&acc_q)[Tr::kDT
   warp_mma<T, Tr::kKT>(
       dp, [&](uint32_t (&f)[4], int kk) { frag_a(f, sdOw, kStride, kk, lane); },
       [&](uint32_t (&f)[4], int nt, int kk) { frag_b(f, sVs, kStride, nt, kk, lane); });
-  dq_grad_scores<Tr, kFeatures>(a, s, dp, n, h, row_i, j0, lse2, dsum, lane);
+  dq_grad_scores<Tr, kFeatures>(a, s, dp, seq, n, h, row_i, j0, lse2, dsum, lane);
   warp_mma<T, Tr::kNK>(
       acc_q, [&](uint32_t (&f)[4], int kp) { frag_a_acc<T>(f, dp, kp); },
       [&](uint32_t (&f)[4], int dt, int kp) { frag_b_t(f, sKs, kStride, dt, kp, lane); });
@@ -460,31 +470,34 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dq_kernel(cons
   const int64_t h = (blockIdx.x / a.num_m_blocks) % a.H, n = blockIdx.x / a.num_m_blocks / a.H;
   // Causal: the last query tiles have the most key tiles; start them first.
   const int64_t m0 = static_cast<int64_t>(a.causal ? a.num_m_blocks - 1 - m_idx : m_idx) * kBlockM;
-  const int64_t keys = a.causal ? imin(imin(m0 + kBlockM, a.L), a.S) : a.S;  // rows < m0 + kBlockM see keys < that
+  const SeqRows seq = seq_rows(a, n);
+  if (m0 >= seq.L) return;  // past the end of a packed sequence: the whole block
+  // Causal: rows < m0 + kBlockM see keys < that.
+  const int64_t keys = a.causal ? imin(imin(m0 + kBlockM, seq.L), seq.S) : seq.S;
   const int64_t n_tiles = (keys + kBlockN - 1) / kBlockN;
-  const T* gk = head_ptr<T>(a.k, a.k_stride, n, h / a.group);
-  const T* gv = head_ptr<T>(a.v, a.v_stride, n, h / a.group);
+  const T* gk = head_ptr<T>(a.k, a.k_stride, n, h / a.group, seq.k0);
+  const T* gv = head_ptr<T>(a.v, a.v_stride, n, h / a.group, seq.k0);
   auto load_kv = [&](int64_t t, int stage) {
     load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK + stage * kBlockN * kStride, gk, a.k_stride[2],
-                                                         t * kBlockN, a.S, a.E, tid);
+                                                         t * kBlockN, seq.S, a.E, tid);
     load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV + stage * kBlockN * kStride, gv, a.v_stride[2],
-                                                         t * kBlockN, a.S, a.E, tid);
+                                                         t * kBlockN, seq.S, a.E, tid);
   };
-  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sQ, head_ptr<T>(a.q, a.q_stride, n, h), a.q_stride[2], m0, a.L,
-                                                       a.E, tid);
-  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sdO, head_ptr<T>(a.dout, a.do_stride, n, h), a.do_stride[2],
-                                                       m0, a.L, a.E, tid);
+  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sQ, head_ptr<T>(a.q, a.q_stride, n, h, seq.q0), a.q_stride[2],
+                                                       m0, seq.L, a.E, tid);
+  load_tile_async<kBlockM, D, kStride, Tr::kNThreads>(sdO, head_ptr<T>(a.dout, a.do_stride, n, h, seq.q0),
+                                                       a.do_stride[2], m0, seq.L, a.E, tid);
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
   const int64_t warp_row0 = m0 + warp * 16;
-  const bool warp_active = warp_row0 < a.L;
+  const bool warp_active = warp_row0 < seq.L;
   const int64_t row_i[2] = {warp_row0 + (lane >> 2), warp_row0 + (lane >> 2) + 8};
   float lse2[2], dsum[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse2[r] = lse_log2(a, n, h, row_i[r]);
-    dsum[r] = row_i[r] < a.L ? static_cast<const float*>(a.dsum)[row_index(a, n, h, row_i[r])] : 0.f;
+    lse2[r] = lse_log2(a, seq, h, row_i[r]);
+    dsum[r] = row_i[r] < seq.L ? static_cast<const float*>(a.dsum)[seq_row(seq, h, row_i[r])] : 0.f;
   }
   float acc_q[Tr::kDT][4];
   zero(acc_q);
@@ -498,20 +511,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dq_kernel(cons
     pipeline_wait(has_next);
     if (warp_active) {
       dq_tile<T, Tr, kFeatures>(a, acc_q, sQ + warp * 16 * kStride, sdO + warp * 16 * kStride,
-                                sK + stage * kBlockN * kStride, sV + stage * kBlockN * kStride, n, h, row_i,
+                                sK + stage * kBlockN * kStride, sV + stage * kBlockN * kStride, seq, n, h, row_i,
                                 t * kBlockN, lse2, dsum, lane);
     }
     __syncthreads();
   }
   cp_async_wait<0>();  // nothing may be left in flight when the block exits
   if (!warp_active) return;
-  T* gdq = head_ptr<T>(a.dq, a.dq_stride, n, h);
+  T* gdq = head_ptr<T>(a.dq, a.dq_stride, n, h, seq.q0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int dt = 0; dt < Tr::kDT; ++dt) {
       const int col = dt * 8 + (lane & 3) * 2;
-      if (row_i[r] >= a.L || col >= a.E) continue;
+      if (row_i[r] >= seq.L || col >= a.E) continue;
       gdq[row_i[r] * a.dq_stride[2] + col] = convert<T>(acc_q[dt][2 * r] * a.scale);
       gdq[row_i[r] * a.dq_stride[2] + col + 1] = convert<T>(acc_q[dt][2 * r + 1] * a.scale);
     }
@@ -531,10 +544,14 @@ __device__ __forceinline__ void general_prob(const BwdArgs& a, Acc qk, int64_t n
 }
 
 // The per-row state of general_dsum / general_dq: q_i and dO_i in shared memory (Acc), lse, and
-// where the keys of the head lie.
+// where the row and the keys of its head lie. `exists` is false for a row past the end of its
+// packed sequence (nothing else is filled in then).
 template <typename T, typename Acc>
 struct GeneralQueryRow {
+  bool exists;
   int64_t n, h, i, j_end;
+  SeqRows seq;
+  int64_t lse_row;
   Acc lse;
   const T* k;
   const T* v;
@@ -547,12 +564,16 @@ __device__ __forceinline__ GeneralQueryRow<T, Acc> general_query_row(const BwdAr
   r.i = row % a.L;
   r.h = (row / a.L) % a.H;
   r.n = row / a.L / a.H;
-  r.j_end = a.causal ? imin(r.i + 1, a.S) : a.S;
-  r.lse = as_acc<Acc>(a.lse)[row];
-  r.k = head_ptr<T>(a.k, a.k_stride, r.n, r.h / a.group);
-  r.v = head_ptr<T>(a.v, a.v_stride, r.n, r.h / a.group);
-  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, r.n, r.h) + r.i * a.q_stride[2], a.E, Acc(1), lane);
-  warp_load_row(sdo, head_ptr<T>(a.dout, a.do_stride, r.n, r.h) + r.i * a.do_stride[2], a.Ev, Acc(1), lane);
+  r.seq = seq_rows(a, r.n);
+  r.exists = r.i < r.seq.L;
+  if (!r.exists) return r;
+  r.j_end = a.causal ? imin(r.i + 1, r.seq.S) : r.seq.S;
+  r.lse_row = seq_row(r.seq, r.h, r.i);
+  r.lse = as_acc<Acc>(a.lse)[r.lse_row];
+  r.k = head_ptr<T>(a.k, a.k_stride, r.n, r.h / a.group, r.seq.k0);
+  r.v = head_ptr<T>(a.v, a.v_stride, r.n, r.h / a.group, r.seq.k0);
+  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, r.n, r.h, r.seq.q0 + r.i), a.E, Acc(1), lane);
+  warp_load_row(sdo, head_ptr<T>(a.dout, a.do_stride, r.n, r.h, r.seq.q0 + r.i), a.Ev, Acc(1), lane);
   __syncwarp();
   return r;
 }
@@ -585,6 +606,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const B
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
   if (row >= a.N * a.H * a.L) return;  // only warp-level syncs below
   const GeneralQueryRow<T, Acc> r = general_query_row<T>(a, row, sq, sdo, lane);
+  if (!r.exists) return;
   Acc acc = Acc(0);
   for (int64_t j = lane; j < r.j_end && r.lse != -static_cast<Acc>(kInf); j += 32) {
     Acc p, dpz;
@@ -592,7 +614,7 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dsum_kernel(const B
     acc += p * dpz;
   }
   acc = warp_reduce_sum(acc);
-  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[row] = acc;
+  if (lane == 0) reinterpret_cast<Acc*>(a.dsum)[r.lse_row] = acc;
 }
 
 // One warp per key row j of (n, hk): dk_j, dv_j over every query row of the group's heads.
@@ -603,15 +625,15 @@ constexpr int64_t general_dkdv_smem_per_warp(int64_t E, int64_t Ev) {
 
 // p_ij Z_ij and dS_ij of query i of head h for the key row j (k_j and v_j in shared memory).
 template <typename T, typename Acc>
-__device__ __forceinline__ void general_key_lane(const BwdArgs& a, const Acc* sk, const Acc* sv, int64_t n, int64_t h,
-                                                 int64_t i, int64_t j, Acc& pz, Acc& ds) {
+__device__ __forceinline__ void general_key_lane(const BwdArgs& a, const Acc* sk, const Acc* sv, const SeqRows& seq,
+                                                 int64_t n, int64_t h, int64_t i, int64_t j, Acc& pz, Acc& ds) {
   pz = ds = Acc(0);
-  const Acc lse = i < a.L ? as_acc<Acc>(a.lse)[row_index(a, n, h, i)] : -static_cast<Acc>(kInf);
+  const Acc lse = i < seq.L ? as_acc<Acc>(a.lse)[seq_row(seq, h, i)] : -static_cast<Acc>(kInf);
   if (lse == -static_cast<Acc>(kInf)) return;
   Acc p, z;
-  general_prob(a, dot_row(sk, head_ptr<T>(a.q, a.q_stride, n, h) + i * a.q_stride[2], a.E), n, h, i, j, lse, p, z);
-  const Acc dp = dot_row(sv, head_ptr<T>(a.dout, a.do_stride, n, h) + i * a.do_stride[2], a.Ev);
-  ds = softmax_grad(p, dp * z - reinterpret_cast<const Acc*>(a.dsum)[row_index(a, n, h, i)]);
+  general_prob(a, dot_row(sk, head_ptr<T>(a.q, a.q_stride, n, h, seq.q0 + i), a.E), n, h, i, j, lse, p, z);
+  const Acc dp = dot_row(sv, head_ptr<T>(a.dout, a.do_stride, n, h, seq.q0 + i), a.Ev);
+  ds = softmax_grad(p, dp * z - reinterpret_cast<const Acc*>(a.dsum)[seq_row(seq, h, i)]);
   pz = p * z;
 }
 
@@ -619,7 +641,7 @@ template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const BwdArgs a) {
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S;
+  const int64_t E = a.E, Ev = a.Ev, S = a.S;
   Acc* sk = reinterpret_cast<Acc*>(smem_raw + warp * general_dkdv_smem_per_warp<Acc>(E, Ev));
   Acc* sv = sk + E;
   Acc* dk_acc = sv + Ev;
@@ -630,18 +652,21 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n Hkv + hk) S + j
   if (row >= a.N * a.Hkv * S) return;  // only warp-level syncs below
   const int64_t j = row % S, hk = (row / S) % a.Hkv, n = row / S / a.Hkv;
-  warp_load_row(sk, head_ptr<T>(a.k, a.k_stride, n, hk) + j * a.k_stride[2], E, Acc(1), lane);
-  warp_load_row(sv, head_ptr<T>(a.v, a.v_stride, n, hk) + j * a.v_stride[2], Ev, Acc(1), lane);
+  const SeqRows seq = seq_rows(a, n);
+  if (j >= seq.S) return;
+  const int64_t L = seq.L;
+  warp_load_row(sk, head_ptr<T>(a.k, a.k_stride, n, hk, seq.k0 + j), E, Acc(1), lane);
+  warp_load_row(sv, head_ptr<T>(a.v, a.v_stride, n, hk, seq.k0 + j), Ev, Acc(1), lane);
   for (int64_t c = lane; c < E; c += 32) dk_acc[c] = Acc(0);
   for (int64_t c = lane; c < Ev; c += 32) dv_acc[c] = Acc(0);
   __syncwarp();
 
   for (int64_t h = hk * a.group; h < (hk + 1) * a.group; ++h) {
-    const T* qh = head_ptr<T>(a.q, a.q_stride, n, h);
-    const T* doh = head_ptr<T>(a.dout, a.do_stride, n, h);
+    const T* qh = head_ptr<T>(a.q, a.q_stride, n, h, seq.q0);
+    const T* doh = head_ptr<T>(a.dout, a.do_stride, n, h, seq.q0);
     for (int64_t i0 = a.causal ? j : 0; i0 < L; i0 += 32) {  // causal: query i sees key j iff j <= i
       Acc pz, ds;
-      general_key_lane<T>(a, sk, sv, n, h, i0 + lane, j, pz, ds);
+      general_key_lane<T>(a, sk, sv, seq, n, h, i0 + lane, j, pz, ds);
       sp[lane] = pz;
       sds[lane] = ds;
       __syncwarp();
@@ -651,8 +676,8 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dkdv_kernel(const B
       __syncwarp();  // sp / sds are rewritten next iteration
     }
   }
-  warp_store_row(head_ptr<T>(a.dk, a.dk_stride, n, hk) + j * a.dk_stride[2], dk_acc, E, scale_as<Acc>(a), lane);
-  warp_store_row(head_ptr<T>(a.dv, a.dv_stride, n, hk) + j * a.dv_stride[2], dv_acc, Ev, Acc(1), lane);
+  warp_store_row(head_ptr<T>(a.dk, a.dk_stride, n, hk, seq.k0 + j), dk_acc, E, scale_as<Acc>(a), lane);
+  warp_store_row(head_ptr<T>(a.dv, a.dv_stride, n, hk, seq.k0 + j), dv_acc, Ev, Acc(1), lane);
 }
 
 // One warp per query row i of (n, h): dq_i, and the row of dmask.
@@ -673,9 +698,10 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n H + h) L + i
   if (row >= a.N * a.H * a.L) return;  // only warp-level syncs below
-  for (int64_t c = lane; c < E; c += 32) dq_acc[c] = Acc(0);
   const GeneralQueryRow<T, Acc> r = general_query_row<T>(a, row, sq, sdo, lane);
-  const Acc dsum = reinterpret_cast<const Acc*>(a.dsum)[row];
+  if (!r.exists) return;
+  for (int64_t c = lane; c < E; c += 32) dq_acc[c] = Acc(0);
+  const Acc dsum = reinterpret_cast<const Acc*>(a.dsum)[r.lse_row];
   for (int64_t j0 = 0; j0 < r.j_end; j0 += 32) {
     const int64_t j = j0 + lane;
     Acc ds = Acc(0);
@@ -684,14 +710,14 @@ __global__ void __launch_bounds__(128) attention_bwd_general_dq_kernel(const Bwd
       general_p_dpz(a, r, sq, sdo, j, p, dpz);
       ds = softmax_grad(p, dpz - dsum);
     }
-    if (a.dmask != nullptr && j < r.j_end) as_acc<Acc>(a.dmask)[row * a.S + j] = ds;
+    if (a.dmask != nullptr && j < r.j_end) as_acc<Acc>(a.dmask)[element_index(a, r.n, r.h, r.i, j)] = ds;
     sds[lane] = ds;
     __syncwarp();
     const int cnt = static_cast<int>(imin<int64_t>(r.j_end - j0, 32));
     warp_axpy_rows(dq_acc, E, Acc(1), sds, cnt, r.k + j0 * a.k_stride[2], a.k_stride[2], lane);
     __syncwarp();
   }
-  warp_store_row(head_ptr<T>(a.dq, a.dq_stride, r.n, r.h) + r.i * a.dq_stride[2], dq_acc, E, scale_as<Acc>(a), lane);
+  warp_store_row(head_ptr<T>(a.dq, a.dq_stride, r.n, r.h, r.seq.q0 + r.i), dq_acc, E, scale_as<Acc>(a), lane);
 }
 
 // ---------------------------------------------------------------------------------------------

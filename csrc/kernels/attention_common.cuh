@@ -117,9 +117,11 @@ struct AttnArgs {
   const void* v;
   void* out;
   float* lse;  // fp64 for fp64 inputs (read and written through as_acc)
-  int64_t N, H, Hkv, L, S, E, Ev;
+  int64_t N, H, Hkv, L, S, E, Ev;  // L, S: the maximum lengths of a packed batch
   int64_t group;  // H / Hkv: query heads per key/value head
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  const int32_t* cu_seqlens_q;  // packed batch (params.h), on the device; nullptr: padded
+  const int32_t* cu_seqlens_k;
 
   int mask_kind;  // MaskKind as int; 0 when there is no mask
   DType mask_dtype;
@@ -182,6 +184,8 @@ inline AttnArgs make_args(const AttentionParams& p) {
   copy_strides(a.k_stride, p.k_stride);
   copy_strides(a.v_stride, p.v_stride);
   copy_strides(a.out_stride, p.out_stride);
+  a.cu_seqlens_q = p.cu_seqlens_q;
+  a.cu_seqlens_k = p.cu_seqlens_k;
   a.mask_kind = p.mask == nullptr ? 0 : static_cast<int>(p.mask_kind);
   a.mask_dtype = p.mask_dtype;
   a.mask = p.mask;
@@ -220,19 +224,49 @@ inline BwdArgs make_args(const AttentionBwdParams& p, void* dsum) {
   return a;
 }
 
-// Head (n, h) of a (batch, head, row)-strided tensor.
+// Row `row0` of head (n, h) of a (batch, head, row)-strided tensor.
 template <typename T>
-__device__ __forceinline__ const T* head_ptr(const void* base, const int64_t (&stride)[3], int64_t n, int64_t h) {
-  return reinterpret_cast<const T*>(base) + n * stride[0] + h * stride[1];
+__device__ __forceinline__ const T* head_ptr(const void* base, const int64_t (&stride)[3], int64_t n, int64_t h,
+                                             int64_t row0 = 0) {
+  return reinterpret_cast<const T*>(base) + n * stride[0] + h * stride[1] + row0 * stride[2];
 }
 template <typename T>
-__device__ __forceinline__ T* head_ptr(void* base, const int64_t (&stride)[3], int64_t n, int64_t h) {
-  return reinterpret_cast<T*>(base) + n * stride[0] + h * stride[1];
+__device__ __forceinline__ T* head_ptr(void* base, const int64_t (&stride)[3], int64_t n, int64_t h,
+                                       int64_t row0 = 0) {
+  return reinterpret_cast<T*>(base) + n * stride[0] + h * stride[1] + row0 * stride[2];
 }
 
-// Flat index of row i of head (n, h) in the (N, H, L) row tensors (lse, Dsum).
-__device__ __forceinline__ int64_t row_index(const AttnArgs& a, int64_t n, int64_t h, int64_t i) {
-  return (n * a.H + h) * a.L + i;
+// Where the rows of batch entry n lie. Padded: L query and S key rows from row 0 of entry n;
+// lse / Dsum row (n H + h) L + i. Packed (cu_seqlens_q set; batch strides 0): sequence n is rows
+// q0 .. q0 + L of q / out and k0 .. k0 + S of k / v, and its lse row is h total_q + q0 + i (lse is
+// (H, total_q)). Every kernel bounds its loops by these lengths; blocks and rows past them exit.
+struct SeqRows {
+  int64_t L, S;             // query and key rows of the entry
+  int64_t q0, k0;           // its first query / key row in the tensors (0 when padded)
+  int64_t row0, head_rows;  // lse / Dsum row of (h, i): row0 + h * head_rows + i
+};
+
+__device__ __forceinline__ SeqRows seq_rows(const AttnArgs& a, int64_t n) {
+  SeqRows s;
+  if (a.cu_seqlens_q == nullptr) {
+    s.L = a.L;
+    s.S = a.S;
+    s.q0 = s.k0 = 0;
+    s.row0 = n * a.H * a.L;
+    s.head_rows = a.L;
+    return s;
+  }
+  s.q0 = a.cu_seqlens_q[n];
+  s.L = a.cu_seqlens_q[n + 1] - s.q0;
+  s.k0 = a.cu_seqlens_k[n];
+  s.S = a.cu_seqlens_k[n + 1] - s.k0;
+  s.row0 = s.q0;
+  s.head_rows = a.cu_seqlens_q[a.N];
+  return s;
+}
+
+__device__ __forceinline__ int64_t seq_row(const SeqRows& s, int64_t h, int64_t i) {
+  return s.row0 + h * s.head_rows + i;
 }
 
 // lse and dmask hold Acc values (params.h: fp64 for fp64 inputs). The argument structs keep the
@@ -297,22 +331,22 @@ __device__ __forceinline__ Acc masked_score(const AttnArgs& a, Acc s, Acc factor
   return bias == -static_cast<Acc>(kInf) ? bias : s + bias * factor;
 }
 
-// The backward tensor-core kernels' score of query i, key j (log2 domain): -inf outside the
+// The backward tensor-core kernels' score of query i, key j (log2 domain): -inf outside the S
 // keys or above the causal diagonal (tested only where the tile may cross either), plus the mask.
 template <bool kFeatures>
-__device__ __forceinline__ float bwd_score(const AttnArgs& a, float acc, bool need_bounds, int64_t n, int64_t h,
-                                           int64_t i, int64_t j) {
+__device__ __forceinline__ float bwd_score(const AttnArgs& a, float acc, bool need_bounds, int64_t S, int64_t n,
+                                           int64_t h, int64_t i, int64_t j) {
   float s = acc * a.scale_log2;
-  if (need_bounds && (j >= a.S || (a.causal && j > i))) s = -kInf;
+  if (need_bounds && (j >= S || (a.causal && j > i))) s = -kInf;
   if constexpr (kFeatures) s = masked_score(a, s, static_cast<float>(kLog2e), n, h, i, j);
   return s;
 }
 
 // lse of row i, read for the log2-domain softmax of the backward: -inf (a row with no allowed
 // key) becomes +inf so that exp2(s - lse) is 0 there instead of exp2(+inf); rows >= L too.
-__device__ __forceinline__ float lse_log2(const AttnArgs& a, int64_t n, int64_t h, int64_t i) {
-  if (i >= a.L) return kInf;
-  const float l = a.lse[row_index(a, n, h, i)];
+__device__ __forceinline__ float lse_log2(const AttnArgs& a, const SeqRows& seq, int64_t h, int64_t i) {
+  if (i >= seq.L) return kInf;
+  const float l = a.lse[seq_row(seq, h, i)];
   return l == -kInf ? kInf : l * static_cast<float>(kLog2e);
 }
 
@@ -326,11 +360,13 @@ __device__ __forceinline__ Acc softmax_grad(Acc p, Acc dp_minus_d) {
 
 // ---------------------------------------------------------------------------------------------
 // Dropout: element (n, h, i, j) is kept iff DropoutRng::word(((n H + h) L + i) S + j) >=
-// dropout_threshold(p) (params.h), and kept values are multiplied by dropout_scale(p).
+// dropout_threshold(p) (params.h), and kept values are multiplied by dropout_scale(p). L and S
+// are the maximum lengths and i, j count within the sequence, so a packed batch drops what the
+// padded op drops on it padded to those lengths.
 // ---------------------------------------------------------------------------------------------
-// Also the index of (n, h, i, j) in the (N, H, L, S) mask gradient.
+// Also the index of (n, h, i, j) in the (N, H, L, S) mask gradient (padded batches only).
 __device__ __forceinline__ uint64_t element_index(const AttnArgs& a, int64_t n, int64_t h, int64_t i, int64_t j) {
-  return static_cast<uint64_t>(row_index(a, n, h, i)) * static_cast<uint64_t>(a.S) + static_cast<uint64_t>(j);
+  return static_cast<uint64_t>((n * a.H + h) * a.L + i) * static_cast<uint64_t>(a.S) + static_cast<uint64_t>(j);
 }
 
 __device__ __forceinline__ bool keep(const AttnArgs& a, uint64_t idx) {

@@ -112,12 +112,13 @@ constexpr int kMaxFastDim = 256;
 constexpr int kMaxSplits = 128;
 constexpr int kCombineThreads = 128;
 
-// What a block of the fast kernel works on: head (n, h), query rows m0 + [0, kBlockM), key tiles
-// [t_begin, t_end) of its split.
+// What a block of the fast kernel works on: head (n, h) of batch entry n (its rows: seq), query
+// rows m0 + [0, kBlockM), key tiles [t_begin, t_end) of its split.
 struct FwdBlock {
   int64_t n, h, hk, m0;
   int split;
   int64_t t_begin, t_end;
+  SeqRows seq;
 };
 
 template <typename Tr>
@@ -135,12 +136,13 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnArgs& a) {
   // Causal: the last query tiles have the most key tiles; start them first.
   const int m_block = a.causal ? (a.num_m_blocks - 1 - m_idx) : m_idx;
   b.m0 = static_cast<int64_t>(m_block) * Tr::kBlockM;
-  const int64_t n_tiles = (a.S + Tr::kBlockN - 1) / Tr::kBlockN;
+  b.seq = seq_rows(a, b.n);
+  const int64_t n_tiles = (b.seq.S + Tr::kBlockN - 1) / Tr::kBlockN;
   b.t_begin = static_cast<int64_t>(b.split) * a.tiles_per_split;
   b.t_end = imin(b.t_begin + a.tiles_per_split, n_tiles);
   if (a.causal) {
     // Query rows of this block that exist end at min(L, m0 + kBlockM); they see keys < that.
-    const int64_t keys = imin(imin(b.m0 + Tr::kBlockM, a.L), a.S);
+    const int64_t keys = imin(imin(b.m0 + Tr::kBlockM, b.seq.L), b.seq.S);
     b.t_end = imin(b.t_end, (keys + Tr::kBlockN - 1) / Tr::kBlockN);
   }
   return b;
@@ -198,7 +200,8 @@ __device__ __forceinline__ void fwd_scores(float (&s)[Tr::kMTiles][Tr::kNT][4], 
 template <typename Tr, bool kFeatures>
 __device__ __forceinline__ void fwd_mask_scores(const AttnArgs& a, float (&s)[Tr::kMTiles][Tr::kNT][4],
                                                 const FwdBlock& b, int64_t warp_row0, int64_t n0, int lane) {
-  const bool need_bounds = (n0 + Tr::kBlockN > a.S) || (a.causal && n0 + Tr::kBlockN - 1 > warp_row0);
+  const int64_t S = b.seq.S;
+  const bool need_bounds = (n0 + Tr::kBlockN > S) || (a.causal && n0 + Tr::kBlockN - 1 > warp_row0);
   const int g = lane >> 2, cq = (lane & 3) * 2;
 #pragma unroll
   for (int mt = 0; mt < Tr::kMTiles; ++mt) {
@@ -206,7 +209,7 @@ __device__ __forceinline__ void fwd_mask_scores(const AttnArgs& a, float (&s)[Tr
     int lim[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t rel = (a.causal ? imin(row_g + r * 8 + 1, a.S) : a.S) - n0;
+      const int64_t rel = (a.causal ? imin(row_g + r * 8 + 1, S) : S) - n0;
       lim[r] = rel < 0 ? 0 : (rel > Tr::kBlockN ? Tr::kBlockN : static_cast<int>(rel));
     }
 #pragma unroll
@@ -268,7 +271,7 @@ __device__ __forceinline__ void fwd_dropout(const AttnArgs& a, float (&s)[Tr::kM
 #pragma unroll
       for (int nt = 0; nt < Tr::kNT; ++nt) {
         const int64_t j = n0 + nt * 8 + cq;
-        if (i >= a.L || j >= a.S) continue;
+        if (i >= b.seq.L || j >= b.seq.S) continue;
         bool k0, k1;
         keep_pair(a, element_index(a, b.n, b.h, i, j), k0, k1);
         s[mt][nt][2 * r] = k0 ? s[mt][nt][2 * r] * a.drop_scale : 0.f;
@@ -333,8 +336,8 @@ __device__ __forceinline__ void fwd_store_partials(const AttnArgs& a, const FwdB
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = warp_row0 + mt * 16 + g + r * 8;
-      if (i >= a.L) continue;
-      const int64_t prow = static_cast<int64_t>(b.split) * a.N * a.H * a.L + row_index(a, b.n, b.h, i);
+      if (i >= b.seq.L) continue;
+      const int64_t prow = static_cast<int64_t>(b.split) * a.N * a.H * a.L + seq_row(b.seq, b.h, i);
       float* op = a.o_part + prow * a.Ev;
 #pragma unroll
       for (int dt = 0; dt < Tr::kDT; ++dt) {
@@ -358,7 +361,7 @@ __device__ __forceinline__ void fwd_store_out(const AttnArgs& a, const FwdBlock&
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = warp_row0 + mt * 16 + (lane >> 2) + r * 8;
-      if (i < a.L && (lane & 3) == 0) a.lse[row_index(a, b.n, b.h, i)] = lse[mt][r];
+      if (i < b.seq.L && (lane & 3) == 0) a.lse[seq_row(b.seq, b.h, i)] = lse[mt][r];
     }
   }
   __syncwarp();
@@ -367,8 +370,8 @@ __device__ __forceinline__ void fwd_store_out(const AttnArgs& a, const FwdBlock&
     store_frags<T>(sO + mt * 16 * Tr::kStride, Tr::kStride, st.o[mt], inv[mt][0], inv[mt][1], lane);
   }
   __syncwarp();
-  warp_store_rows<Tr::kWarpRows, Tr::kHeadDim>(head_ptr<T>(a.out, a.out_stride, b.n, b.h), a.out_stride[2], warp_row0,
-                                               a.L, a.Ev, sO, Tr::kStride, lane);
+  warp_store_rows<Tr::kWarpRows, Tr::kHeadDim>(head_ptr<T>(a.out, a.out_stride, b.n, b.h, b.seq.q0), a.out_stride[2],
+                                               warp_row0, b.seq.L, a.Ev, sO, Tr::kStride, lane);
 }
 
 template <typename T, typename Tr, bool kFeatures>
@@ -381,26 +384,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_fast_kernel(co
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
   const FwdBlock b = fwd_block<Tr>(a);
-  const T* gk = head_ptr<T>(a.k, a.k_stride, b.n, b.hk);
-  const T* gv = head_ptr<T>(a.v, a.v_stride, b.n, b.hk);
+  if (b.m0 >= b.seq.L) return;  // past the end of a packed sequence: the whole block
+  const T* gk = head_ptr<T>(a.k, a.k_stride, b.n, b.hk, b.seq.k0);
+  const T* gv = head_ptr<T>(a.v, a.v_stride, b.n, b.hk, b.seq.k0);
   auto load_kv = [&](int64_t t, int stage) {
     load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sK + stage * kBlockN * kStride, gk, a.k_stride[2],
-                                                         t * kBlockN, a.S, a.E, tid);
+                                                         t * kBlockN, b.seq.S, a.E, tid);
     load_tile_async<kBlockN, D, kStride, Tr::kNThreads>(sV + stage * kBlockN * kStride, gv, a.v_stride[2],
-                                                         t * kBlockN, a.S, a.E, tid);
+                                                         t * kBlockN, b.seq.S, a.E, tid);
   };
   // This warp owns query rows warp_row0 + [0, kWarpRows); warps past the last query row only help
   // load.
   const int64_t warp_row0 = b.m0 + warp * Tr::kWarpRows;
-  const bool warp_active = warp_row0 < a.L;
+  const bool warp_active = warp_row0 < b.seq.L;
   T* sQw = sQ + warp * Tr::kWarpRows * kStride;
 
   FwdRows<Tr> st;
   fwd_init_rows(st);
   uint32_t q_frag[Tr::kQInRegs ? Tr::kMTiles : 1][Tr::kQInRegs ? Tr::kKT : 1][4];
   if (b.t_begin < b.t_end) {
-    load_tile_async<Tr::kBlockM, D, kStride, Tr::kNThreads>(sQ, head_ptr<T>(a.q, a.q_stride, b.n, b.h),
-                                                             a.q_stride[2], b.m0, a.L, a.E, tid);
+    load_tile_async<Tr::kBlockM, D, kStride, Tr::kNThreads>(sQ, head_ptr<T>(a.q, a.q_stride, b.n, b.h, b.seq.q0),
+                                                             a.q_stride[2], b.m0, b.seq.L, a.E, tid);
     load_kv(b.t_begin, 0);
     cp_async_commit();
   }
@@ -481,7 +485,7 @@ template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnArgs a) {
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t E = a.E, Ev = a.Ev, L = a.L, S = a.S;
+  const int64_t E = a.E, Ev = a.Ev, L = a.L;
   Acc* sq = reinterpret_cast<Acc*>(smem_raw + warp * general_fwd_smem_per_warp<Acc>(E, Ev));
   Acc* sacc = sq + E;
   Acc* sp = sacc + Ev;
@@ -489,10 +493,13 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
   const int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp;  // (n * H + h) * L + i
   if (row >= a.N * a.H * L) return;  // only warp-level syncs below
   const int64_t i = row % L, h = (row / L) % a.H, n = row / L / a.H;
-  const T* k = head_ptr<T>(a.k, a.k_stride, n, h / a.group);
-  const T* v = head_ptr<T>(a.v, a.v_stride, n, h / a.group);
+  const SeqRows seq = seq_rows(a, n);
+  if (i >= seq.L) return;
+  const int64_t S = seq.S;
+  const T* k = head_ptr<T>(a.k, a.k_stride, n, h / a.group, seq.k0);
+  const T* v = head_ptr<T>(a.v, a.v_stride, n, h / a.group, seq.k0);
   const Acc log2e = static_cast<Acc>(kLog2e);
-  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, n, h) + i * a.q_stride[2], E, scale_as<Acc>(a) * log2e, lane);
+  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, n, h, seq.q0 + i), E, scale_as<Acc>(a) * log2e, lane);
   for (int64_t c = lane; c < Ev; c += 32) sacc[c] = Acc(0);
   __syncwarp();
 
@@ -516,10 +523,10 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
     __syncwarp();  // sp is rewritten next iteration
   }
 
-  T* o = head_ptr<T>(a.out, a.out_stride, n, h) + i * a.out_stride[2];
+  T* o = head_ptr<T>(a.out, a.out_stride, n, h, seq.q0 + i);
   const Acc inv = l != Acc(0) ? Acc(1) / l : Acc(0);  // as in the fast kernel: NaN passes
   for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(l != Acc(0) ? sacc[c] * inv : Acc(0));
-  if (lane == 0) as_acc<Acc>(a.lse)[row] = row_lse(m, l);
+  if (lane == 0) as_acc<Acc>(a.lse)[seq_row(seq, h, i)] = row_lse(m, l);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,8 +546,10 @@ void plan_splits(const AttentionParams& p, int num_sms, Plan& plan) {
   const int64_t base_blocks = static_cast<int64_t>(plan.num_m_blocks) * p.batch * p.heads;
   const int64_t useful_keys = p.is_causal ? imin(p.q_len, p.kv_len) : p.kv_len;
   const int64_t useful_tiles = (useful_keys + plan.block_n - 1) / plan.block_n;
-  if (p.q_len > 64 || plan.num_m_blocks != 1 || num_sms <= 0 || base_blocks <= 0 || base_blocks >= num_sms ||
-      useful_tiles < 4) {
+  // Packed batches never split: the partials and the combine are laid out by padded rows, and a
+  // batch of sequences is not the one-query-tile decode shape splitting serves.
+  if (p.cu_seqlens_q != nullptr || p.q_len > 64 || plan.num_m_blocks != 1 || num_sms <= 0 || base_blocks <= 0 ||
+      base_blocks >= num_sms || useful_tiles < 4) {
     return;
   }
   int64_t splits = (2 * static_cast<int64_t>(num_sms) + base_blocks - 1) / base_blocks;
