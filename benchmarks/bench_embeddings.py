@@ -241,7 +241,7 @@ def _providers(compile_hf):
 
 def cases(ctx):
     if ctx.is_cuda:
-        print("bench_embeddings: CPU only (attention_varlen has no CUDA kernel yet)", file=sys.stderr)
+        print("bench_embeddings: CPU only (the padding-free CUDA path is not yet validated on a GPU)", file=sys.stderr)
         return []
     try:
         _model_path()

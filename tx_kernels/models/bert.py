@@ -158,9 +158,9 @@ class BertModel(nn.Module):
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 padding_free: Optional[bool] = None) -> BertOutput:
         """padding_free: None (default) runs padding-free when attention_mask has padding, the
-        inputs are on the CPU (attention_varlen has no CUDA kernel yet) and, with a pooler, no row
-        starts with padding; True insists, False runs the padded path. See the module docstring
-        for what padded positions hold."""
+        inputs are on the CPU (attention_varlen's CUDA path has run on the emulator only, not yet
+        on a GPU) and, with a pooler, no row starts with padding; True insists, False runs the
+        padded path. See the module docstring for what padded positions hold."""
         if input_ids.dim() != 2:
             raise ValueError(f"tx_kernels: `input_ids` must be (batch, seq_len), got {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
