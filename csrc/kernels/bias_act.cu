@@ -35,6 +35,7 @@
 namespace tx_kernels {
 namespace {
 
+using cuda::aligned16_or_null;
 using cuda::ceil_div;
 using cuda::from_float;
 using cuda::is_aligned;
@@ -255,18 +256,6 @@ bias_grad_finalize_kernel(const float* __restrict__ workspace, int64_t num_parti
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-bool ptr_ok(const void* ptr) { return ptr == nullptr || is_aligned(ptr, 16); }
-
-int dtype_size(DType d) {
-  switch (d) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-    case DType::kFloat64: return 8;
-    default: return 0;
-  }
-}
-
 // The CTA shape and grid for a (rows, cols) problem; shared by the launch and workspace query.
 struct Plan {
   bool vec = false;
@@ -278,10 +267,10 @@ struct Plan {
 Plan make_plan(const BiasActParams& p, bool bwd, const void* grad_out, const void* grad_input,
                int num_sms) {
   Plan plan;
-  const int esize = dtype_size(p.dtype);
+  const int esize = cuda::element_bytes(p.dtype);
   const int V = esize > 0 ? 16 / esize : 1;
   plan.vec = esize > 0 && p.cols % V == 0 && is_aligned(p.input, 16) &&
-             p.input_row_stride % V == 0 && ptr_ok(p.bias) &&
+             p.input_row_stride % V == 0 && aligned16_or_null(p.bias) &&
              (bwd ? (is_aligned(grad_out, 16) && is_aligned(grad_input, 16)) : is_aligned(p.out, 16));
   plan.vec_elems = plan.vec ? V : 1;
   const int64_t chunks = p.cols / plan.vec_elems;

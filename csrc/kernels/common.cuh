@@ -3,6 +3,7 @@
 // Defines, in namespace tx_kernels::cuda:
 //   ceil_div, round_up                      integer helpers usable on host and device
 //   is_aligned(ptr, bytes)                  run-time alignment test for the vector paths
+//   aligned16_or_null(ptr)                  the same for an optional pointer
 //   Vec<T, N>                               N elements of T aligned to N * sizeof(T) bytes
 //   load_vec / store_vec                    one N * sizeof(T)-byte access (16 bytes for the
 //                                           vector paths), with float conversion of every lane
@@ -44,6 +45,8 @@ __host__ __device__ __forceinline__ constexpr A round_up(A a, B b) {
 __host__ __device__ __forceinline__ bool is_aligned(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }
+// An optional pointer (nullptr: absent) that does not stop a 16-byte vector path.
+__host__ __device__ __forceinline__ bool aligned16_or_null(const void* p) { return p == nullptr || is_aligned(p, 16); }
 
 // ---------------------------------------------------------------------------------------------
 // Conversions: convert<To>(x) between float, double, __half and __nv_bfloat16. The 16-bit types

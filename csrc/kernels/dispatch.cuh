@@ -3,6 +3,7 @@
 //   dispatch_dtype(dtype, fn)           fn(Tag<T>{}) with T float, __half, __nv_bfloat16, double
 //   dispatch_dtype<false>(dtype, fn)    the same without double (fp32-statistics kernels)
 //   dispatch_bool(value, fn)            fn(std::integral_constant<bool, value>{})
+//   element_bytes(dtype)                bytes per element, for plans made before T is known
 //   dispatch_head_dim<kMax>(D, fn)      fn(std::integral_constant<int, D>{}) for D one of
 //                                       AttentionHeadDims up to kMax (pick_head_dim chooses it)
 // fn reads the type off its argument: [&](auto tag) { using T = typename decltype(tag)::type; }.
@@ -36,6 +37,12 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
       return cudaErrorNotSupported;
     default: return cudaErrorNotSupported;
   }
+}
+
+// Bytes per element of a floating dtype (0 otherwise), for plans made before a type is chosen.
+constexpr int element_bytes(DType dtype) {
+  return dtype == DType::kFloat32 ? 4 : dtype == DType::kFloat64 ? 8
+       : (dtype == DType::kFloat16 || dtype == DType::kBFloat16) ? 2 : 0;
 }
 
 template <typename Fn>

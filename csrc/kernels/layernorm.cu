@@ -46,6 +46,7 @@
 namespace tx_kernels {
 namespace {
 
+using cuda::aligned16_or_null;
 using cuda::ceil_div;
 using cuda::group_reduce_sum;
 using cuda::group_reduce_sum2;
@@ -547,18 +548,6 @@ layer_norm_bwd_finalize_kernel(const float* __restrict__ workspace, int64_t num_
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-int dtype_size(DType d) {
-  switch (d) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-    case DType::kFloat64: return 8;
-    default: return 0;
-  }
-}
-
-bool ptr_ok(const void* ptr) { return ptr == nullptr || is_aligned(ptr, 16); }
-
 // Register-path shape for rows of n chunks: `items` chunks per thread, `tpr` threads per row.
 struct RowConfig {
   bool ok = false;  // false: no register configuration fits, use the fallback
@@ -619,8 +608,8 @@ cudaError_t layer_norm_fwd_typed(const LayerNormParams& p, cudaStream_t stream) 
   const bool has_res = p.residual != nullptr;
   const bool vec_ok = p.cols % V == 0 && is_aligned(p.input, 16) && p.input_row_stride % V == 0 &&
                       (!has_res || (is_aligned(p.residual, 16) && p.residual_row_stride % V == 0 &&
-                                    ptr_ok(p.residual_out))) &&
-                      is_aligned(p.out, 16) && ptr_ok(p.weight) && ptr_ok(p.bias);
+                                    aligned16_or_null(p.residual_out))) &&
+                      is_aligned(p.out, 16) && aligned16_or_null(p.weight) && aligned16_or_null(p.bias);
   const int vec = vec_ok ? V : 1;
   const RowConfig cfg = pick_row_config(p.cols / vec, vec, /*bwd=*/false);
   if (!cfg.ok) {
@@ -654,11 +643,11 @@ BwdPlan plan_bwd(const LayerNormBwdParams& p, int num_sms) {
   BwdPlan plan;
   if (num_sms < 1) num_sms = 1;
   plan.want_partials = p.grad_weight != nullptr || p.grad_bias != nullptr;
-  const int esize = dtype_size(p.dtype);
+  const int esize = cuda::element_bytes(p.dtype);
   const int V = esize > 0 ? 16 / esize : 1;
   plan.vec = esize > 0 && p.cols % V == 0 && is_aligned(p.grad_out, 16) &&
-             ptr_ok(p.grad_residual_out) && is_aligned(p.input, 16) && ptr_ok(p.residual) &&
-             is_aligned(p.grad_input, 16) && ptr_ok(p.weight);
+             aligned16_or_null(p.grad_residual_out) && is_aligned(p.input, 16) &&
+             aligned16_or_null(p.residual) && is_aligned(p.grad_input, 16) && aligned16_or_null(p.weight);
   const int vec = plan.vec ? V : 1;
   plan.cfg = pick_row_config(p.cols / vec, vec, /*bwd=*/true);
   if (plan.cfg.ok) {
