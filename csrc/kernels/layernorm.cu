@@ -14,7 +14,8 @@
 //      cancellation), both as fixed-order group reductions. The shift keeps a mean far from 0
 //      (|mean| >> std) from costing precision: an fp32 mean of ~1000 alone is off by half an ulp,
 //      1e-4 of a std of 0.5. The saved mean is s0 + m.
-//   3. residual_out = s (when wanted), out = (s - s0 - m) * rstd * w + b, mean/rstd.
+//   3. residual_out = s (when wanted; written before centring), out = (s - s0 - m) * rstd * w + b,
+//      mean/rstd.
 //   Normalizing the rounded sum, not the fp32 one, keeps the forward consistent with the backward,
 //   which reads that sum back (residual_out): with few columns rstd is large enough to turn the
 //   difference between the two into wrong gradients (the CPU kernel does the same).
@@ -157,14 +158,32 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
       }
     }
 
-    const float shift = row_ok ? normalized_first<T>(p, row) : 0.0f;
+    // residual_out is the sum itself: written before the row is centred in place on its first
+    // value, so that no register holds the shift through the reductions (at 16 values per thread
+    // that register made the scalar path spill).
+    if (row_ok && residual_out != nullptr) {
+      T* ro_row = residual_out + row * p.cols;
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
+        if (c < n) store_vec<T, VEC>(ro_row + c * VEC, s[k]);
+      }
+    }
+    if (row_ok) {
+      const float shift = normalized_first<T>(p, row);
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) s[k][v] -= shift;
+      }
+    }
     float sum = 0.0f;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
       const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
       if (c < n) {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) sum += s[k][v] - shift;
+        for (int v = 0; v < VEC; ++v) sum += s[k][v];
       }
     }
     const float mean_shifted = group_reduce_sum(sum, red) * inv_cols;
@@ -176,7 +195,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
       if (c < n) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const float d = (s[k][v] - shift - mean_shifted) * inv_sqrt_cols;
+          const float d = (s[k][v] - mean_shifted) * inv_sqrt_cols;
           sq += d * d;
         }
       }
@@ -185,16 +204,14 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
 
     if (row_ok) {
       if (threadIdx.x == 0) {
-        static_cast<float*>(p.mean)[row] = shift + mean_shifted;
+        static_cast<float*>(p.mean)[row] = normalized_first<T>(p, row) + mean_shifted;
         static_cast<float*>(p.rstd)[row] = rstd;
       }
       T* o_row = out + row * p.cols;
-      T* ro_row = residual_out + row * p.cols;  // only dereferenced when wanted
 #pragma unroll
       for (int k = 0; k < ITEMS; ++k) {
         const int64_t c = threadIdx.x + static_cast<int64_t>(k) * tpr;
         if (c < n) {
-          if (residual_out != nullptr) store_vec<T, VEC>(ro_row + c * VEC, s[k]);
           float w[VEC], b[VEC];
           if (weight != nullptr) {
             load_f32<VEC>(weight + c * VEC, w);
@@ -210,7 +227,7 @@ layer_norm_fwd_kernel(const LayerNormParams p) {
           }
           float y[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) y[v] = (s[k][v] - shift - mean_shifted) * rstd * w[v] + b[v];
+          for (int v = 0; v < VEC; ++v) y[v] = (s[k][v] - mean_shifted) * rstd * w[v] + b[v];
           store_vec<T, VEC>(o_row + c * VEC, y);
         }
       }
