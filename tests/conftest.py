@@ -162,6 +162,16 @@ def cuda_backend(request, monkeypatch):
     yield from _use_backend(request, monkeypatch)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failure report names the seed _fresh_seed drew, so the failing inputs can be drawn again.
+    outcome = yield
+    report = outcome.get_result()
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"torch.manual_seed({seed}) before the test reproduces its inputs"))
+
+
 def pytest_runtest_logreport(report):
     backend = dict(report.user_properties).get("backend")
     if backend is None or (report.when != "call" and not (report.when == "setup" and report.outcome != "passed")):

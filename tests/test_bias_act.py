@@ -111,13 +111,9 @@ def test_activation_accuracy_full_range(act):
     vr = v.double().requires_grad_()
     (g_ref,) = torch.autograd.grad(R.bias_act(vr, None, act).sum(), vr)
     if act == "relu":
-        # At exactly 0 the reference's clamp_min passes the gradient; torch.relu (and we) do not.
-        assert g[v == 0].eq(0).all()
-        vr0 = torch.tensor([0.0], requires_grad=True)
-        torch.relu(vr0).backward()
-        assert vr0.grad.item() == 0.0
-        g, g_ref = g[v != 0], g_ref[v != 0]
-        v = v[v != 0]
+        # torch.relu's derivative at exactly 0 is 0 (torch.randn draws an exact 0 about once in
+        # 1e7 values, so a reference with another subgradient fails at random).
+        assert g[v == 0].eq(0).all() and g_ref[v == 0].eq(0).all()
     vt = v.clone().requires_grad_()
     (g_torch,) = torch.autograd.grad(_torch_act(vt, act).sum(), vt)
     assert_within_torch_error(g, g_torch, g_ref, atol=1e-6, name=f"{act}'")

@@ -107,7 +107,7 @@ def gelu(x, approximate="none"):
 def bias_act(x, bias, activation):
     y = x + bias if bias is not None else x
     if activation == "relu":
-        return torch.clamp_min(y, 0.0)
+        return torch.relu(y)  # derivative 0 at exactly 0, as torch.nn.ReLU and the kernels
     if activation == "gelu":
         return gelu(y)
     if activation == "gelu_tanh":
