@@ -93,8 +93,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, normalized_ndim=1):
     return y
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, normalized_ndim=1):
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, normalized_ndim=1, sum_dtype=None):
+    """LayerNorm(x + residual) and the sum. With `sum_dtype`, the sum is first rounded to that
+    dtype, as the op stores residual_out and normalizes it (and as torch's x + r in that dtype
+    does); the rounding passes gradients straight through."""
     s = x + residual
+    if sum_dtype is not None:
+        s = s + (s.detach().to(sum_dtype).to(s.dtype) - s.detach())
     return layer_norm(s, weight, bias, eps, normalized_ndim), s
 
 
