@@ -4,11 +4,23 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../cpu/kernels.h"
 #include "registry.h"
 
-// The module only has to be importable: loading it runs the static registrations below.
+namespace {
+
+PyObject* cpu_kernel_isa(PyObject*, PyObject*) { return PyUnicode_FromString(tx_kernels::cpu::kernel_isa()); }
+
+PyMethodDef module_methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "Which copy of the CPU kernels runs: 'avx512' or 'default' (csrc/cpu/isa.h)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Loading the module runs the static registrations below; its one function reports the CPU ISA.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);
 }
 

@@ -28,10 +28,11 @@
 #include <c10/util/Half.h>
 
 #include "dispatch.h"
+#include "isa.h"
 #include "gemm.h"
 #include "kernels.h"
 
-namespace tx_kernels::cpu {
+namespace tx_kernels::cpu::TXK_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -612,4 +613,4 @@ void attention_bwd(const AttentionBwdParams& params) {
                     [&](auto tag) { attention_bwd_impl<decltype(tag)>(params); });
 }
 
-}  // namespace tx_kernels::cpu
+}  // namespace tx_kernels::cpu::TXK_CPU_ISA

@@ -21,10 +21,11 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "isa.h"
 #include "kernels.h"
 #include "vec_io.h"
 
-namespace tx_kernels::cpu {
+namespace tx_kernels::cpu::TXK_CPU_ISA {
 namespace {
 
 using detail::Block;
@@ -36,7 +37,7 @@ constexpr int64_t kTile = 2048;  // columns per task; a multiple of every block 
 // DropoutRng (philox.h). With AVX2, Philox runs on 8 counters at once (32 elements); tests check
 // the mask bit for bit against an independent Python implementation of philox.h.
 // ---------------------------------------------------------------------------------------------
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(TXK_HAVE_AVX2)
 // (hi, lo) 32-bit halves of the lane-wise 32x32->64-bit products a * m.
 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
@@ -107,7 +108,7 @@ void dropout_multipliers(const DropoutRng& rng, uint64_t first, int64_t n, uint3
                          float scale, float* out) {
   const uint64_t g_begin = first >> 2, g_end = (first + static_cast<uint64_t>(n) + 3) >> 2;
   uint64_t g = g_begin;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(TXK_HAVE_AVX2)
   const __m256 vscale = _mm256_set1_ps(scale);
   const __m256i vthr = _mm256_set1_epi32(static_cast<int>(threshold));
   alignas(32) float m[64];
@@ -279,7 +280,7 @@ void bias_act_fwd_impl(const BiasActParams& p) {
     }
     const T* x = input + r * p.input_row_stride;
     T* y = out + r * cols;
-    const bool nt = stream && detail::aligned32(y + c0);
+    const bool nt = stream && detail::stream_aligned(y + c0);
     AVec a, b, ma, mb;
     for (int64_t c = c0; c < c1; c += K) {
       const int64_t n = std::min(K, c1 - c);
@@ -338,7 +339,7 @@ void bias_act_bwd_impl(const BiasActBwdParams& p) {
     const T* x = input + r * p.input_row_stride;
     const T* g = grad_out + r * cols;
     T* dx = grad_input + r * cols;
-    const bool nt = stream && detail::aligned32(dx + c0);
+    const bool nt = stream && detail::stream_aligned(dx + c0);
     AVec a, b, ga, gb, ma, mb;
     for (int64_t c = c0; c < c1; c += K) {
       const int64_t n = std::min(K, c1 - c);
@@ -417,4 +418,4 @@ void bias_act_bwd(const BiasActBwdParams& params) {
                     [&](auto tag) { bias_act_bwd_typed<decltype(tag)>(params); });
 }
 
-}  // namespace tx_kernels::cpu
+}  // namespace tx_kernels::cpu::TXK_CPU_ISA

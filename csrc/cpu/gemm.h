@@ -14,6 +14,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "isa.h"
+
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -23,7 +25,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-namespace tx_kernels::cpu {
+namespace tx_kernels::cpu::TXK_CPU_ISA {
 
 // Whether a leading dimension can be handed to a 32-bit BLAS interface.
 inline bool fits_blas_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
@@ -114,4 +116,4 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-}  // namespace tx_kernels::cpu
+}  // namespace tx_kernels::cpu::TXK_CPU_ISA

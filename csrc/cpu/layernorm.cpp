@@ -16,10 +16,11 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "isa.h"
 #include "kernels.h"
 #include "vec_io.h"
 
-namespace tx_kernels::cpu {
+namespace tx_kernels::cpu::TXK_CPU_ISA {
 namespace {
 
 using detail::Block;
@@ -61,7 +62,7 @@ void layer_norm_fwd_impl(const LayerNormParams& p) {
     const T* res = has_res ? residual + r * p.residual_row_stride : nullptr;
     T* ro = has_res && residual_out ? residual_out + r * cols : nullptr;
     T* y = out + r * cols;
-    const bool nt_ro = stream && ro && detail::aligned32(ro), nt_y = stream && detail::aligned32(y);
+    const bool nt_ro = stream && ro && detail::stream_aligned(ro), nt_y = stream && detail::stream_aligned(y);
     // The input two rows ahead is prefetched, a block at a time, while this row's output is
     // computed from the L1-resident buffer: otherwise memory reads sit idle during the two
     // in-cache passes (measured: a few percent, within noise of prefetching one row ahead).
@@ -235,7 +236,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
       const T* x = input + r * cols;
       const T* xr = residual ? residual + r * cols : nullptr;
       T* dx = grad_input + r * cols;
-      const bool nt = stream && detail::aligned32(dx);
+      const bool nt = stream && detail::stream_aligned(dx);
       const AVec m(static_cast<const Acc*>(p.mean)[r]), rs(static_cast<const Acc*>(p.rstd)[r]);
       AVec sa0(0), sa1(0), sx0(0), sx1(0), g0, g1, x0, x1;
       for (int64_t c = 0; c < padded; c += K) {
@@ -339,4 +340,4 @@ void layer_norm_bwd(const LayerNormBwdParams& params) {
                     [&](auto tag) { layer_norm_bwd_impl<decltype(tag)>(params); });
 }
 
-}  // namespace tx_kernels::cpu
+}  // namespace tx_kernels::cpu::TXK_CPU_ISA

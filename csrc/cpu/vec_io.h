@@ -1,8 +1,9 @@
 // vec_io.h: vector loads/stores and reduction helpers shared by the CPU LayerNorm and bias +
 // activation kernels (layernorm.cpp, bias_act.cpp).
 //
-// Every kernel works on "blocks" of two accumulator vectors: 16 floats for fp32/fp16/bf16 (16 is the
-// width at which at::vec converts 16-bit floats to two fp32 vectors) or 8 doubles for fp64.
+// Every kernel works on "blocks" of two accumulator vectors: 16 floats for fp32/fp16/bf16 (the
+// width at which at::vec converts 16-bit floats to two fp32 vectors) or 8 doubles for fp64 with
+// AVX2, twice that in the AVX-512 copy (isa.h).
 // Reduced-precision values are widened to fp32 on load and rounded once on store, so all arithmetic
 // happens in fp32 (fp64 for double).
 #pragma once
@@ -24,8 +25,9 @@
 #include <c10/util/Half.h>
 
 #include "../kernels/params.h"
+#include "isa.h"
 
-namespace tx_kernels::cpu::detail {
+namespace tx_kernels::cpu::TXK_CPU_ISA::detail {
 
 using at::vec::Vectorized;
 
@@ -80,11 +82,22 @@ struct Block {
       at::vec::convert_from_float<T>(a, b).store(p, static_cast<int>(n));
     }
   }
-  // A full block to a 32-byte aligned address with a non-temporal (streaming) store, which skips
-  // reading the destination line into the cache first (see use_streaming_stores). Falls back to a
-  // plain store without AVX2.
+  // A full block to a kStreamAlign-aligned address with a non-temporal (streaming) store, which
+  // skips reading the destination line into the cache first (see use_streaming_stores). Falls
+  // back to a plain store without AVX2.
   static inline void store_stream(T* p, const AVec& a, const AVec& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + kLanes, b);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(p, a);
+      _mm512_stream_pd(p + kLanes, b);
+    } else {
+      const __m512i v = at::vec::convert_from_float<T>(a, b);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
       _mm256_stream_ps(p, a);
       _mm256_stream_ps(p + kLanes, b);
@@ -100,7 +113,7 @@ struct Block {
 #endif
   }
   // The first n (<= kSize) lanes of the block: a full block streams when `streaming` (the caller
-  // checked use_streaming_stores and 32-byte alignment), a partial one takes a plain masked store.
+  // checked use_streaming_stores and stream_aligned), a partial one takes a plain masked store.
   static inline void store_block(T* p, int64_t n, const AVec& a, const AVec& b, bool streaming) {
     if (n < kSize) {
       store(p, n, a, b);
@@ -137,11 +150,14 @@ constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
 inline bool use_streaming_stores(int64_t bytes_written) { return bytes_written >= kStreamingBytes; }
 
-inline bool aligned32(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 31) == 0; }
+// The alignment a streaming store needs: one vector register.
+constexpr uintptr_t kStreamAlign = sizeof(Vectorized<float>);
+
+inline bool stream_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) % kStreamAlign) == 0; }
 
 // Makes this thread's streaming stores visible before the parallel region ends.
 inline void streaming_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(TXK_HAVE_AVX2)
   _mm_sfence();
 #endif
 }
@@ -152,7 +168,25 @@ inline void streaming_fence() {
 // clamped to that range (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38), NaN stays NaN. Sleef's exp, which
 // at::vec calls, is a function call per vector and was the bottleneck of the GELU kernels.
 inline Vectorized<float> exp_fast(const Vectorized<float>& x_in) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x0 = x_in;
+  // max/min return the second operand when the first is NaN: keep NaN by ordering the operands.
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(88.0f), x0);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256 x0 = x_in;
   // max/min return the second operand when the first is NaN: keep NaN by ordering the operands.
   __m256 x = _mm256_min_ps(_mm256_set1_ps(88.0f), x0);
@@ -193,7 +227,7 @@ inline Vectorized<double> erf_fast(const Vectorized<double>& x) { return x.erf()
 
 // Software prefetch of one cache line (a hint; nothing without SSE).
 inline void prefetch(const void* p) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(TXK_HAVE_AVX2)
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
 #else
   (void)p;
@@ -287,4 +321,4 @@ void combine_partials(const Acc* partial, int64_t blocks, int64_t stride, int64_
   });
 }
 
-}  // namespace tx_kernels::cpu::detail
+}  // namespace tx_kernels::cpu::TXK_CPU_ISA::detail
