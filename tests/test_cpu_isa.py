@@ -9,6 +9,8 @@ and the AVX-512 copy cannot run at all.)
 """
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -53,3 +55,27 @@ if X86 and TORCH_AVX512:
         tail = proc.stdout[-3000:]
         assert proc.returncode == 0, tail
         assert " passed" in tail and " failed" not in tail, tail
+
+
+# Operands only AVX-512 (EVEX) encodes: zmm, the mask registers, vector registers 16-31 and
+# embedded broadcasts.
+_AVX512_OPERAND = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to(2|4|8|16)\}")
+
+
+if X86 and shutil.which("objdump"):
+    def test_no_avx512_instruction_outside_the_avx512_copy():
+        # Both copies emit some of the same inline functions (standard library, c10); the linker
+        # keeps one, which must be the default copy's (setup.py links the AVX-512 objects last),
+        # or a machine without AVX-512 would fault in code that never meant to use it.
+        dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+        offenders, function = set(), None
+        for line in dis.splitlines():
+            if line.endswith(">:"):
+                function = line
+            elif function and _AVX512_OPERAND.search(line):
+                offenders.add(function)
+        avx512_copy = [f for f in offenders if "isa_avx512" in f or "AVX512" in f]
+        stray = sorted(offenders - set(avx512_copy))
+        assert not stray, stray[:10]
+        assert avx512_copy, "no AVX-512 code found at all: is the AVX-512 copy built?"
