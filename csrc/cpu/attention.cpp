@@ -133,12 +133,15 @@ template <typename acc_t>
 class BlockMask {
  public:
   BlockMask(const AttentionParams& p, int64_t n, int64_t h, int64_t j0, int64_t cols, acc_t* buffer)
-      : p_(p), n_(n), h_(h), j0_(j0), cols_(cols) {
+      : p_(p), n_(n), h_(h), j0_(j0), cols_(cols),
+        per_row_(p.mask_kind != MaskKind::kNone && p.mask_stride[2] != 0) {
     if (p.mask_kind != MaskKind::kNone && p.mask_stride[2] == 0) {
       std::fill(buffer, buffer + cols, acc_t(0));
       apply_mask_row(p, n, h, 0, j0, cols, buffer);
-      shared_ = buffer;
       all_masked_ = std::all_of(buffer, buffer + cols, [](acc_t x) { return x == neg_inf<acc_t>(); });
+      // A row of zeros (no key of the block masked, e.g. a batch without padding) changes no
+      // score: adding it is skipped. -0 counts as 0, as s + (-0) is s.
+      if (!std::all_of(buffer, buffer + cols, [](acc_t x) { return x == acc_t(0); })) shared_ = buffer;
     }
   }
 
@@ -153,7 +156,7 @@ class BlockMask {
         using V = decltype(a);
         return V::blendv(a + b, b, b == V(neg_inf<acc_t>()));
       }, scores, scores, shared_, cols_);
-    } else if (p_.mask_kind != MaskKind::kNone) {
+    } else if (per_row_) {
       apply_mask_row(p_, n_, h_, i, j0_, cols_, scores);
     }
     if (p_.is_causal) {
@@ -164,7 +167,8 @@ class BlockMask {
  private:
   const AttentionParams& p_;
   int64_t n_, h_, j0_, cols_;
-  const acc_t* shared_ = nullptr;
+  bool per_row_;                  // the mask differs between queries: read row by row
+  const acc_t* shared_ = nullptr;  // else the additive row every query shares, unless all zero
   bool all_masked_ = false;
 };
 

@@ -168,45 +168,22 @@ inline void streaming_fence() {
 // clamped to that range (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38), NaN stays NaN. Sleef's exp, which
 // at::vec calls, is a function call per vector and was the bottleneck of the GELU kernels.
 inline Vectorized<float> exp_fast(const Vectorized<float>& x_in) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x0 = x_in;
-  // max/min return the second operand when the first is NaN: keep NaN by ordering the operands.
-  __m512 x = _mm512_min_ps(_mm512_set1_ps(88.0f), x0);
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 x0 = x_in;
-  // max/min return the second operand when the first is NaN: keep NaN by ordering the operands.
-  __m256 x = _mm256_min_ps(_mm256_set1_ps(88.0f), x0);
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-#else
-  return x_in.exp();
-#endif
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const V x = at::vec::clamp(x_in, V(-87.0f), V(88.0f));  // at::vec's clamp keeps NaN
+  const V n = (x * V(1.44269504088896341f)).round();
+  V r = at::vec::fnmadd(n, V(0.693359375f), x);
+  r = at::vec::fnmadd(n, V(-2.12194440e-4f), r);
+  V p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + V(1.0f));
+  // 2^n built in the exponent bits (n is an integer in [-126, 127] here); cast is a bit cast.
+  const I two_n = (at::vec::convert_to_int_of_same_size(n) + I(127)) << I(23);
+  return p * at::vec::cast<float>(two_n);
 }
 inline Vectorized<double> exp_fast(const Vectorized<double>& x) { return x.exp(); }
 
