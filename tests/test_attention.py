@@ -151,6 +151,26 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     assert (out[:, :, 0] == 0).all() and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_all_minus_inf_without_a_mask_are_nan(dtype):
+    # Only the mask (and causality) empties a row. Scores that are all -inf for another reason,
+    # here an infinite scale with q . k < 0, give NaN as torch's softmax does, gradients too; the
+    # row the mask empties stays 0. (The CUDA general kernels gave 0 for both.)
+    N, H, L, S, E = 1, 2, 5, 3, 4
+    q = torch.ones(N, H, L, E, dtype=dtype, device=BE.device, requires_grad=True)
+    k = -torch.ones(N, H, S, E, dtype=dtype, device=BE.device, requires_grad=True)
+    v = torch.randn(N, H, S, E, dtype=dtype, device=BE.device, requires_grad=True)
+    mask = torch.ones(L, S, dtype=torch.bool, device=BE.device)
+    mask[2] = False
+    out = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=float("inf"))
+    ref = R.attention(q.detach().cpu().double(), k.detach().cpu().double(), v.detach().cpu().double(),
+                      attn_mask=mask.cpu(), scale=float("inf"))
+    assert torch.equal(out.isnan().cpu(), ref.isnan()), out
+    assert (out[:, :, 2] == 0).all()
+    out.backward(torch.ones_like(out))
+    assert q.grad.isnan().any() and v.grad.isnan().any()
+
+
 # The CPU kernels against torch's own SDPA in the same precision (on CPU tensors that baseline
 # computes partly in fp32, see attention_refs.torch_sdpa; the CUDA kernels meet the composite's
 # rule in test_fast_head_dims and test_masks below, and torch's fused SDPA on a GPU here).

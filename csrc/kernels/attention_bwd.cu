@@ -52,8 +52,10 @@
 // 5. General path (fp32/fp64 inputs, Ev != E, head dims not a multiple of 8 or > 128, misaligned
 //    pointers/strides, too little shared memory): Acc = fp32 (fp64 for fp64), no tensor cores,
 //    no atomics (deterministic by construction):
-//      attention_bwd_general_dsum_kernel: one warp per query row, Dsum_i = sum_j p_ij Z_ij dP_ij
-//        (= rowsum(dO * O) for the exact O, without the rounding of the stored `out`).
+//      Dsum: for fp32/fp64 inputs the preprocess kernel's rowsum(dO * O), `out` holding the
+//        accumulator's precision; for fp16/bf16, attention_bwd_general_dsum_kernel, one warp per
+//        query row, Dsum_i = sum_j p_ij Z_ij dP_ij (= rowsum(dO * O) for the exact O, without the
+//        rounding of the stored `out`).
 //      attention_bwd_general_dkdv_kernel: one warp per key row j: lanes take 32 query rows at a
 //        time, compute p_ij, dS_ij; dv_j += sum_i p_ij Z_ij dO_i and dk_j += sum_i dS_ij q_i with
 //        the lanes over the feature columns.
@@ -65,6 +67,7 @@
 // params.deterministic is set, so the size does not depend on the flag. Its contents on entry do
 // not matter: the preprocess kernel writes Dsum and zeroes the accumulator on the stream.
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -534,12 +537,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_dq_kernel(cons
 // ---------------------------------------------------------------------------------------------
 // 5. General path: one warp per row, lanes over 32 rows of the other side at a time
 // ---------------------------------------------------------------------------------------------
-// p_ij and the dropout factor Z_ij of query i, key j, from qk = q_i . k_j (unscaled).
+// p_ij and the dropout factor Z_ij of query i, key j, from qk = q_i . k_j (unscaled). Only the
+// mask zeroes p: a -inf score in a row whose lse is NaN (all its scores -inf without the mask
+// saying so, or a NaN score) gives p = NaN, as torch's softmax does.
 template <typename Acc>
 __device__ __forceinline__ void general_prob(const BwdArgs& a, Acc qk, int64_t n, int64_t h, int64_t i, int64_t j,
                                              Acc lse, Acc& p, Acc& z) {
   const Acc sc = masked_score(a, qk * scale_as<Acc>(a), Acc(1), n, h, i, j);
-  p = sc == -static_cast<Acc>(kInf) ? Acc(0) : exp_acc(sc - lse);
+  const bool masked = a.mask_kind != 0 && mask_bias<Acc>(a, n, h, i, j) == -static_cast<Acc>(kInf);
+  p = masked ? Acc(0) : exp_acc(sc - lse);
   z = !a.dropout ? Acc(1) : keep(a, element_index(a, n, h, i, j)) ? drop_scale_as<Acc>(a) : Acc(0);
 }
 
@@ -775,11 +781,16 @@ cudaError_t launch_fast_dim(BwdArgs a, bool deterministic, cudaStream_t stream) 
   return launch_1d(dq, static_cast<int64_t>(a.num_m_blocks) * a.H * a.N, Dq::kNThreads, Dq::kSmemBytes, stream, a);
 }
 
+template <typename T, typename Acc>
+cudaError_t launch_preprocess(const BwdArgs& a, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kRowThreads / 32;  // one warp per row
+  return launch_1d(attention_bwd_preprocess_kernel<T, Acc>, (a.N * a.H * a.L + kRowsPerBlock - 1) / kRowsPerBlock,
+                   kRowThreads, 0, stream, a);
+}
+
 template <typename T>
 cudaError_t run_fast(const BwdArgs& a, int D, bool deterministic, cudaStream_t stream) {
-  constexpr int kRowsPerBlock = kRowThreads / 32;  // one warp per row
-  const cudaError_t err = launch_1d(attention_bwd_preprocess_kernel<T, float>,
-                                    (a.N * a.H * a.L + kRowsPerBlock - 1) / kRowsPerBlock, kRowThreads, 0, stream, a);
+  const cudaError_t err = launch_preprocess<T, float>(a, stream);
   if (err != cudaSuccess) return err;
   return dispatch_head_dim<kMaxFastDim>(D, [&](auto d) {
     return dispatch_bool(a.mask_kind != 0 || a.dropout || a.dmask != nullptr, [&](auto features) {
@@ -791,8 +802,14 @@ cudaError_t run_fast(const BwdArgs& a, int D, bool deterministic, cudaStream_t s
 template <typename T, typename Acc>
 cudaError_t run_general(const BwdArgs& a, int64_t smem_max, cudaStream_t stream) {
   const int64_t q_rows = a.N * a.H * a.L, k_rows = a.N * a.Hkv * a.S;
-  cudaError_t err = launch_general(attention_bwd_general_dsum_kernel<T, Acc>, q_rows,
-                                   general_dsum_smem_per_warp<Acc>(a.E, a.Ev), smem_max, stream, a);
+  // With `out` in the accumulator's precision, rowsum(dO * O) is the better Dsum: sum_j p_ij dP_ij
+  // carries lse's absolute rounding (about ulp(lse), large for large scores) into every p_ij alike,
+  // and that common error does not cancel in dQ = scale sum_j dS_ij k_j (measured: 20x the CPU
+  // kernel's dQ error at scale 1.7).
+  cudaError_t err = std::is_same_v<T, Acc>
+                        ? launch_preprocess<T, Acc>(a, stream)
+                        : launch_general(attention_bwd_general_dsum_kernel<T, Acc>, q_rows,
+                                         general_dsum_smem_per_warp<Acc>(a.E, a.Ev), smem_max, stream, a);
   if (err != cudaSuccess) return err;
   err = launch_general(attention_bwd_general_dkdv_kernel<T, Acc>, k_rows, general_dkdv_smem_per_warp<Acc>(a.E, a.Ev),
                        smem_max, stream, a);

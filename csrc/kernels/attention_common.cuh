@@ -12,7 +12,8 @@
 //   frag_* , warp_mma, store_frags         warp-level m16n8k16 MMA tiles
 //   warp_* row helpers                     the one-warp-per-row loops of the general kernels
 // Scores of the tensor-core kernels live in the log2 domain (scale * log2(e) folded in) so that
-// softmax uses exp2; the general kernels do the same (forward) or use exp (backward).
+// softmax uses exp2; the general kernels score in natural units with exp, forward and backward
+// alike (attention_fwd.cu says why).
 #pragma once
 
 #include <cstdint>
@@ -440,21 +441,23 @@ __device__ __forceinline__ void pipeline_wait(bool next_in_flight) {
 // Folds a tile's row maximum into the running maximum m and returns the factor that rescales the
 // running sum and output accumulated so far; m_use is what the tile's scores subtract. A row with
 // no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp2(-inf - m) at 0, not NaN.
-template <typename Acc>
+// kLog2Domain = false: scores in natural units (the general kernels), exp instead of exp2.
+template <typename Acc, bool kLog2Domain = true>
 __device__ __forceinline__ Acc softmax_rescale(Acc& m, Acc tile_max, Acc& m_use) {
   const Acc mx = tile_max > m ? tile_max : m;
   m_use = mx == -static_cast<Acc>(kInf) ? Acc(0) : mx;
-  const Acc alpha = fast_exp2(m - m_use);
+  const Acc alpha = kLog2Domain ? fast_exp2(m - m_use) : exp_acc(m - m_use);
   m = mx;
   return alpha;
 }
 
-// Natural-log lse of a row from its log2-domain maximum and sum. l == 0 exactly when every key of
-// the row was masked (the maximum keeps one term at 1 otherwise): -inf. A NaN l (a NaN score)
-// reaches lse, hence no `l > 0` test.
-template <typename Acc>
+// Natural-log lse of a row from its maximum (log2 domain unless kLog2Domain is false) and sum.
+// l == 0 exactly when every key of the row was masked (the maximum keeps one term at 1
+// otherwise): -inf. A NaN l (a NaN score) reaches lse, hence no `l > 0` test.
+template <typename Acc, bool kLog2Domain = true>
 __device__ __forceinline__ Acc row_lse(Acc m, Acc l) {
-  return l != Acc(0) ? m * static_cast<Acc>(kLn2) + fast_log(l) : -static_cast<Acc>(kInf);
+  if (l == Acc(0)) return -static_cast<Acc>(kInf);
+  return (kLog2Domain ? m * static_cast<Acc>(kLn2) : m) + fast_log(l);
 }
 
 // ---------------------------------------------------------------------------------------------

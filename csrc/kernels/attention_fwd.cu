@@ -54,7 +54,8 @@
 // 3. attention_fwd_general_kernel<T, Acc>: everything else (fp32 and fp64 inputs, Ev != E, head
 //    dims not a multiple of 8 or > 256, misaligned pointers or strides, too little shared memory).
 //    One warp per query row, Acc = fp32 (fp64 for fp64 inputs) math, online softmax over blocks
-//    of 32 keys (lane j scores key j0 + j), q row and output accumulator in shared memory; K and V
+//    of 32 keys (lane j scores key j0 + j) in natural units, as the general backward rescores them;
+//    q row and output accumulator in shared memory; K and V
 //    are read straight from global memory through the caches. Simple and correct, not fast.
 //
 // Dropout: element (n, h, i, j) is kept iff DropoutRng::word(((n H + h) L + i) S + j) >=
@@ -481,6 +482,18 @@ constexpr int64_t general_fwd_smem_per_warp(int64_t E, int64_t Ev) {
   return (E + Ev + 32) * static_cast<int64_t>(sizeof(Acc));  // q row, output row, 32 probabilities
 }
 
+// Whether query i of (n, h) may attend to any of keys 0 .. j_end by the mask alone (causality
+// is in j_end); the same answer in every lane. Read only for rows whose scores were all -inf.
+template <typename Acc>
+__device__ bool general_row_has_key(const AttnArgs& a, int64_t n, int64_t h, int64_t i, int64_t j_end, int lane) {
+  if (a.mask_kind == 0 || j_end == 0) return j_end > 0;
+  Acc allowed = Acc(0);
+  for (int64_t j = lane; j < j_end; j += 32) {
+    if (mask_bias<Acc>(a, n, h, i, j) != -static_cast<Acc>(kInf)) allowed = Acc(1);
+  }
+  return warp_reduce_max(allowed) > Acc(0);
+}
+
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnArgs a) {
   TX_DYNAMIC_SHARED(unsigned char, smem_raw);
@@ -498,8 +511,12 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
   const int64_t S = seq.S;
   const T* k = head_ptr<T>(a.k, a.k_stride, n, h / a.group, seq.k0);
   const T* v = head_ptr<T>(a.v, a.v_stride, n, h / a.group, seq.k0);
-  const Acc log2e = static_cast<Acc>(kLog2e);
-  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, n, h, seq.q0 + i), E, scale_as<Acc>(a) * log2e, lane);
+  // Natural units and the unscaled q, scored exactly as the general backward rescores them
+  // (general_prob): its p_ij = exp(s_ij - lse) then matches this normalization to the rounding of
+  // lse. Scores in the log2 domain (scale * log2(e) folded into q, as the tensor-core kernels do)
+  // differed from that rescoring by a few ulp each, and fp32 dV / dQ kept the difference: up to
+  // 20x stock torch's error at large scores.
+  warp_load_row(sq, head_ptr<T>(a.q, a.q_stride, n, h, seq.q0 + i), E, Acc(1), lane);
   for (int64_t c = lane; c < Ev; c += 32) sacc[c] = Acc(0);
   __syncwarp();
 
@@ -510,10 +527,10 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
   for (int64_t j0 = 0; j0 < j_end; j0 += 32) {
     const int64_t j = j0 + lane;
     Acc s = -static_cast<Acc>(kInf);
-    if (j < j_end) s = add_mask_bias(a, dot_row(sq, k + j * a.k_stride[2], E), log2e, n, h, i, j);
+    if (j < j_end) s = masked_score(a, dot_row(sq, k + j * a.k_stride[2], E) * scale_as<Acc>(a), Acc(1), n, h, i, j);
     Acc m_use;
-    const Acc alpha = softmax_rescale(m, warp_reduce_max(s), m_use);
-    Acc p = fast_exp2(s - m_use);
+    const Acc alpha = softmax_rescale<Acc, false>(m, warp_reduce_max(s), m_use);
+    Acc p = exp_acc(s - m_use);
     l = l * alpha + warp_reduce_sum(p);
     if (a.dropout && j < j_end) p = keep(a, element_index(a, n, h, i, j)) ? p * drop_scale_as<Acc>(a) : Acc(0);
     sp[lane] = p;
@@ -523,10 +540,16 @@ __global__ void __launch_bounds__(128) attention_fwd_general_kernel(const AttnAr
     __syncwarp();  // sp is rewritten next iteration
   }
 
+  // l == 0: every score was -inf. Only a row that the mask and causality leave without a key is
+  // empty (output 0, lse -inf); scores that are -inf for another reason (an infinite q, k or
+  // scale) give NaN, as torch's softmax does, and a NaN lse makes the row's gradients NaN.
+  const bool empty = l == Acc(0) && !general_row_has_key<Acc>(a, n, h, i, j_end, lane);
+  const Acc nan = static_cast<Acc>(__builtin_nan(""));
   T* o = head_ptr<T>(a.out, a.out_stride, n, h, seq.q0 + i);
-  const Acc inv = l != Acc(0) ? Acc(1) / l : Acc(0);  // as in the fast kernel: NaN passes
-  for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(l != Acc(0) ? sacc[c] * inv : Acc(0));
-  if (lane == 0) as_acc<Acc>(a.lse)[seq_row(seq, h, i)] = row_lse(m, l);
+  const Acc inv = l != Acc(0) ? Acc(1) / l : nan;  // a NaN l passes
+  for (int64_t c = lane; c < Ev; c += 32) o[c] = convert<T>(empty ? Acc(0) : sacc[c] * inv);
+  const Acc lse = empty ? -static_cast<Acc>(kInf) : l != Acc(0) ? row_lse<Acc, false>(m, l) : nan;
+  if (lane == 0) as_acc<Acc>(a.lse)[seq_row(seq, h, i)] = lse;
 }
 
 // ---------------------------------------------------------------------------------------------
