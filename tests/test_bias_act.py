@@ -64,10 +64,18 @@ def test_forward_backward_match_reference(dtype, act, cols, with_bias):
     leaves = (x, b) if with_bias else (x,)
     leaves_ref = (xr, br) if with_bias else (xr,)
     grads = torch.autograd.grad(out, leaves, g)
-    grads_ref = torch.autograd.grad(out_ref, leaves_ref, g.double())
+    grads_ref = torch.autograd.grad(out_ref, leaves_ref, g.double(), retain_graph=True)
     for a, e in zip(grads, grads_ref):
         assert a.dtype == dtype and a.shape == e.shape
-        assert rel_err(a, e) < 1e-4, rel_err(a, e)
+    assert rel_err(grads[0], grads_ref[0]) < 1e-4, rel_err(grads[0], grads_ref[0])
+    if with_bias:
+        # grad_bias sums g * act'(v) over the rows; where that sum nearly cancels (a few columns,
+        # 33 rows) any fp32 sum is off by more than 1e-4 of the result, so the error is measured
+        # against the sum of the terms' magnitudes, the scale fp32 rounding works at.
+        (slope,) = torch.autograd.grad(out_ref.sum(), xr)
+        magnitude = (g.double() * slope).abs().reshape(-1, cols).sum(0)
+        err = (grads[1].double() - grads_ref[1]).norm().item() / (magnitude.norm().item() or 1.0)
+        assert err < 1e-4, err
 
 
 @pytest.mark.backends("cpu")  # the CPU kernels' non-temporal stores
