@@ -4,7 +4,7 @@
 //   kDefaultMaxSmemPerBlock, smem_limit    the shared-memory budget when the caller did not say
 //   tiles_vectorizable                     the alignment test of the 16-byte tile paths
 //   validate_shape, allow_smem, launch_*   host-side checks and launches
-//   mask_bias, add_mask_bias, masked_score mask reading and the masked score
+//   mask_bias, masked_score                mask reading and the masked score
 //   bwd_score, lse_log2, softmax_grad      the backward's scores, lse and dS
 //   element_index, keep, keep_pair         the Philox keep decisions (params.h's element index)
 //   load_tile_async                        cp.async tile loader with zero fill
@@ -313,17 +313,8 @@ __device__ __forceinline__ Acc mask_bias(const AttnArgs& a, int64_t n, int64_t h
 
 // A score plus the mask's bias times `factor` (log2(e) where scores live in the log2 domain).
 // A bias of -inf (a False entry, or -inf in a floating mask) replaces the score, so a NaN or Inf
-// score at a masked key cannot reach its row (params.h). The caller guarantees i < L and j < S.
-template <typename Acc>
-__device__ __forceinline__ Acc add_mask_bias(const AttnArgs& a, Acc s, Acc factor, int64_t n, int64_t h, int64_t i,
-                                             int64_t j) {
-  if (a.mask_kind == 0) return s;
-  const Acc bias = mask_bias<Acc>(a, n, h, i, j);
-  return bias == -static_cast<Acc>(kInf) ? bias : s + bias * factor;
-}
-
-// The same for scores that may lie outside (L, S) or be -inf already (tile bounds, causal):
-// those are left alone.
+// score at a masked key cannot reach its row (params.h). Scores that may lie outside (L, S) or be
+// -inf already (tile bounds, causal) are left alone.
 template <typename Acc>
 __device__ __forceinline__ Acc masked_score(const AttnArgs& a, Acc s, Acc factor, int64_t n, int64_t h,
                                             int64_t i, int64_t j) {
@@ -452,8 +443,9 @@ __device__ __forceinline__ Acc softmax_rescale(Acc& m, Acc tile_max, Acc& m_use)
 }
 
 // Natural-log lse of a row from its maximum (log2 domain unless kLog2Domain is false) and sum.
-// l == 0 exactly when every key of the row was masked (the maximum keeps one term at 1
-// otherwise): -inf. A NaN l (a NaN score) reaches lse, hence no `l > 0` test.
+// l == 0 when every score of the row was -inf: -inf (the general forward tells a row the mask
+// emptied from one that is NaN in torch; the tensor-core kernels treat both as empty). A NaN l
+// (a NaN score) reaches lse, hence no `l > 0` test.
 template <typename Acc, bool kLog2Domain = true>
 __device__ __forceinline__ Acc row_lse(Acc m, Acc l) {
   if (l == Acc(0)) return -static_cast<Acc>(kInf);

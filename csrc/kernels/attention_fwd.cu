@@ -54,9 +54,9 @@
 // 3. attention_fwd_general_kernel<T, Acc>: everything else (fp32 and fp64 inputs, Ev != E, head
 //    dims not a multiple of 8 or > 256, misaligned pointers or strides, too little shared memory).
 //    One warp per query row, Acc = fp32 (fp64 for fp64 inputs) math, online softmax over blocks
-//    of 32 keys (lane j scores key j0 + j) in natural units, as the general backward rescores them;
-//    q row and output accumulator in shared memory; K and V
-//    are read straight from global memory through the caches. Simple and correct, not fast.
+//    of 32 keys (lane j scores key j0 + j) in natural units, as the general backward rescores
+//    them; q row and output accumulator in shared memory; K and V are read straight from global
+//    memory through the caches. Simple and correct, not fast.
 //
 // Dropout: element (n, h, i, j) is kept iff DropoutRng::word(((n H + h) L + i) S + j) >=
 // dropout_threshold(p), and kept probabilities are multiplied by dropout_scale(p); the row sum l
